@@ -107,10 +107,12 @@ class AttackConfig:
     """Learning rate of the attack optimiser (AdvUnlearn argparse default, spec §1.6)."""
     attack_optimizer: Literal["adam", "sign"] = "adam"
     """"adam", or signed-gradient steps (AdvUnlearn's fast_at variant)."""
-    init: Literal["library", "random", "concept_only", "mined"] = "library"
-    """Inside-out initialisation of the template tokens: a template from the project's library (default),
-    random vocabulary tokens, no template (the concept word alone, attack on a free prefix token), or the
-    library mined from another source (spec §5.2, template-bias study)."""
+    init: Literal["library", "random", "concept_only"] = "library"
+    """Inside-out initialisation of the template tokens: a template from ``template_library`` (default),
+    ``num_random_tokens`` random vocabulary tokens, or the concept word alone (its own tokens repeated as a
+    learnable prefix) (spec §5.2, template-bias study)."""
+    template_library: str = "default"
+    """"default" (the project's 125 neutral templates) or a text file of templates with one '{}' each."""
     reinit: Literal["resample", "latest"] = "resample"
     """Per cycle: draw a fresh template ("resample") or continue from the last optimised one ("latest")."""
     num_random_tokens: int = 4

@@ -1,0 +1,50 @@
+"""Global semantic-graph retention and Top-k selection (spec §1.7a-b)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def cosine_graph(features_ND: Tensor) -> Tensor:
+    """Pairwise cosine similarities S_ij = cos(f_i, f_j). ``[N, D]`` -> ``[N, N]``."""
+    unit = F.normalize(features_ND, dim=-1)
+    return unit @ unit.T
+
+
+def graph_loss(features_trained_ND: Tensor, features_original_ND: Tensor, *, kind: Literal["mse", "kl"] = "mse",
+               temperature: float = 0.1) -> Tensor:
+    """L_graph between the trained and the original encoder's graphs over N retain prompts (spec §1.7a).
+
+    "mse" (default): (1/N²) Σ_ij (S^n_ij − S^o_ij)². "kl": mean over rows i of
+    KL(softmax(S^o_i / τ) ‖ softmax(S^n_i / τ)). ``features_original_ND`` is treated as a constant.
+
+    Args:
+        features_trained_ND, features_original_ND: ``[N, D]`` pooled features g_n(r), g_o(r).
+    Returns:
+        scalar tensor.
+    Raises:
+        ValueError: fewer than 2 nodes, or an unknown ``kind``.
+    """
+    if features_trained_ND.shape[0] < 2:
+        raise ValueError("graph_loss needs at least 2 retain prompts (retain.retain_batch_size >= 2).")
+    s_new = cosine_graph(features_trained_ND)
+    s_old = cosine_graph(features_original_ND).detach()
+    if kind == "mse":
+        return torch.mean((s_new - s_old) ** 2)
+    if kind == "kl":
+        log_p_new = F.log_softmax(s_new / temperature, dim=-1)
+        p_old = F.softmax(s_old / temperature, dim=-1)
+        return F.kl_div(log_p_new, p_old, reduction="batchmean")
+    raise ValueError(f"graph loss kind {kind!r}: allowed 'mse' or 'kl'")
+
+
+def select_top_k(scores_N: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` lowest scores (spec §1.7b: the retain prompts whose s_i = cos(g_n, g_o) is lowest,
+    i.e. the most disturbed). Ties break by lower index. ``[N]`` -> ``[min(k, N)]`` int64, ascending score."""
+    k = min(k, scores_N.shape[0])
+    order = torch.sort(scores_N.detach(), stable=True).indices
+    return order[:k]

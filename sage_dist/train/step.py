@@ -1,0 +1,241 @@
+"""One optimisation step of SAGE, ESD or AdvUnlearn on the text encoder (spec §1.4-1.7).
+
+This is the file to read for "what happens in a step". ``Eraser.train_step`` does, in order:
+
+1. the erase prompt x: the concept word during warm-up; after it, every ``steps_per_cycle`` steps a new
+   attack (SAGE: inside-out in text space; AdvUnlearn: outside-in through the UNet) whose result is x;
+2. one pass of the trainable encoder τ_n over [x; retain prompts] (a single forward, so DDP syncs once);
+3. SAGE's global semantic-graph loss over the retain prompts and the Top-k selection (most drifted);
+4. one partial DDIM rollout of the frozen model for [concept; selected retain prompts], sharing i and t;
+5. frozen targets (e_∅, e_c, ε_o(r)) and the student's predictions, in two batched UNet calls;
+6. L = L_erase + γ_g·L_graph + γ_t·L_image, one Adam step.
+
+Method differences: "esd" uses only L_erase on the word; "advunlearn" uses the outside-in attack and noise
+retention on every retain prompt (no graph); "sage" uses everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sage_dist.attack.inside_out import AttackResult, inside_out_attack
+from sage_dist.attack.outside_in import outside_in_attack
+from sage_dist.attack.prompt import AttackPrompt, build_attack_prompt, max_token_norms
+from sage_dist.attack.templates import load_templates
+from sage_dist.config import StudyConfig
+from sage_dist.losses import erase_loss, graph_loss, noise_retain_loss, select_top_k
+from sage_dist.models.text import Conditioning, PromptBatch, TextConditioner
+from sage_dist.retention.sampler import RetainSampler
+from sage_dist.train.rollout import DiffusionSampler
+
+log = logging.getLogger(__name__)
+
+NUM_SPECIAL_TOKENS = 2  # <|startoftext|>, <|endoftext|> are the last two ids of the CLIP vocabulary
+
+
+@dataclass
+class ConceptState:
+    """Per-concept constants (frozen model) and the concept's own attack state."""
+
+    word: PromptBatch
+    """Token embeddings of the concept word, 1 row."""
+    cond: Conditioning
+    """τ_o(c), 1 row (no gradient)."""
+    attack: AttackPrompt | None = None
+    """Latest attack prompt (None before the first attack)."""
+    attack_log: list[dict] = field(default_factory=list)
+
+
+class Eraser:
+    """Training state of one erasure run on one worker (single device; distribution added by the caller).
+
+    Args:
+        cfg: the validated study configuration.
+        pipe: a loaded diffusers SD / SDXL pipeline (frozen).
+        retain_prompts: the retain set (already filtered; at least ``retain_batch_size`` prompts unless ESD).
+        rank, world_size: this worker's place in a data-parallel group. Each rank draws its own rollout noise
+            and attack templates; all ranks draw the same retain batch and take their shard of it.
+    """
+
+    def __init__(self, cfg: StudyConfig, pipe, retain_prompts: list[str], *, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.method = cfg.erase.method
+        self.rank, self.world_size = rank, world_size
+        self.conditioner = TextConditioner(pipe, train_encoders=cfg.model.train_encoders,
+                                           trainable=cfg.model.trainable, trainable_layers=cfg.model.trainable_layers,
+                                           pooling=cfg.retain.pooling)
+        size = self.conditioner.resolution // pipe.vae_scale_factor
+        self.sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config,
+                                        (pipe.unet.config.in_channels, size, size), cfg.erase.ddim_steps)
+        self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)
+        self.shared_generator = torch.Generator().manual_seed(cfg.optim.seed)
+        self.retain_sampler = None
+        if self.method != "esd":
+            self.retain_sampler = RetainSampler(retain_prompts, cfg.retain.retain_batch_size, self.shared_generator)
+        self.templates = load_templates(cfg.attack.template_library)
+        self.max_norms = max_token_norms(self.conditioner)
+        self._uncond1 = self.conditioner.uncond(1)
+        self._retain_cache: dict[str, Conditioning] = {}
+        self.concepts: dict[str, ConceptState] = {}
+        for c in cfg.erase.erase_concept:
+            word = self.conditioner.embed([c])
+            with torch.no_grad():
+                cond = self.conditioner.condition(word, trained=False)
+            self.concepts[c] = ConceptState(word=word, cond=cond)
+        self.optimizer = torch.optim.Adam(self.conditioner.trainable_parameters, lr=cfg.optim.lr)
+
+    # ---- frozen-model caches (exact: τ_o and the UNet never change) ----------------------------------------
+    def uncond(self, rows: int) -> Conditioning:
+        return Conditioning.cat([self._uncond1] * rows) if rows else self._uncond1.select(torch.arange(0))
+
+    def retain_original(self, prompts: list[str]) -> Conditioning:
+        """τ_o conditioning of retain prompts, computed once per prompt."""
+        missing = [p for p in prompts if p not in self._retain_cache]
+        if missing:
+            with torch.no_grad():
+                cond = self.conditioner.condition(self.conditioner.embed(missing), trained=False)
+            for j, p in enumerate(missing):
+                self._retain_cache[p] = cond.select(torch.tensor([j]))
+        return Conditioning.cat([self._retain_cache[p] for p in prompts])
+
+    # ---- attack -----------------------------------------------------------------------------------------------
+    def _random_ids(self, n: int) -> list[int]:
+        vocab = self.conditioner.token_embedding(0).num_embeddings - NUM_SPECIAL_TOKENS
+        return [int(i) for i in torch.randint(0, vocab, (n,), generator=self.generator)]
+
+    def _initial_attack_prompt(self, concept: str) -> AttackPrompt:
+        a = self.cfg.attack
+        if self.method == "advunlearn":
+            return build_attack_prompt(self.conditioner, concept, prefix_ids=self._random_ids(a.num_adv_tokens))
+        if a.init == "library":
+            j = int(torch.randint(0, len(self.templates), (1,), generator=self.generator))
+            return build_attack_prompt(self.conditioner, concept, template=self.templates[j])
+        if a.init == "random":
+            return build_attack_prompt(self.conditioner, concept, prefix_ids=self._random_ids(a.num_random_tokens))
+        concept_ids = self.conditioner.tokenizers[0](concept, add_special_tokens=False).input_ids
+        return build_attack_prompt(self.conditioner, concept, prefix_ids=list(concept_ids))
+
+    def attack(self, concept: str) -> AttackResult:
+        """Self-check: a fresh (or, with reinit="latest", continued) attack prompt optimised for J steps."""
+        state = self.concepts[concept]
+        if state.attack is not None and self.cfg.attack.reinit == "latest":
+            start = state.attack
+        else:
+            start = self._initial_attack_prompt(concept)
+        if self.method == "advunlearn":
+            result = outside_in_attack(self.conditioner, self.sampler, start, state.cond, self._uncond1, self.cfg.attack,
+                                       start_guidance=self.cfg.erase.start_guidance, generator=self.generator,
+                                       max_norms=self.max_norms)
+        else:
+            features = state.cond.features
+            result = inside_out_attack(self.conditioner, start, features, self.cfg.attack, max_norms=self.max_norms,
+                                       word_features=features if self.cfg.attack.boundary_weight > 0 else None)
+        state.attack = result.prompt
+        state.attack_log.append({"template": result.prompt.template, "loss_first": result.losses[0],
+                                 "loss_last": result.losses[-1], "H1": result.h1, "H2": result.h2})
+        return result
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def _select(self, scores: Tensor, concept_sim: Tensor, k: int) -> Tensor:
+        mode = self.cfg.retain.top_k_selection if self.method == "sage" else "all"
+        n = scores.shape[0]
+        if mode == "all" or k >= n:
+            return torch.arange(n)
+        if mode == "most_drifted":
+            return select_top_k(scores, k)
+        if mode == "least_concept_similar":
+            return select_top_k(concept_sim, k)
+        return torch.randperm(n, generator=self.generator)[:k]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimisation step; returns the step's scalars (losses, attack stats). See module docstring.
+
+        Raises:
+            FloatingPointError: a loss became NaN or infinite (the caller records the run as failed).
+        """
+        cfg = self.cfg
+        names = list(self.concepts)
+        now = names if cfg.erase.multi_concept == "sum" else [names[step % len(names)]]
+        attacking = self.method != "esd" and step >= cfg.erase.warmup_steps
+        out: dict[str, float] = {}
+
+        # 1. erase prompts (the word, or the latest attack prompt after a self-check)
+        erase_rows = []
+        for c in now:
+            state = self.concepts[c]
+            if attacking and ((step - cfg.erase.warmup_steps) % cfg.erase.steps_per_cycle == 0 or state.attack is None):
+                result = self.attack(c)
+                out.update(attack_loss_first=result.losses[0], attack_loss_last=result.losses[-1])
+                if not math.isnan(result.h1):
+                    out.update(attack_H1=result.h1, attack_H2=result.h2)
+            erase_rows.append(state.attack.assemble(self.conditioner).detach() if attacking else state.word)
+        x = PromptBatch.cat(erase_rows)
+        n_erase = len(x)
+
+        # 2. retain prompts: every rank draws the same batch and keeps its shard
+        shard: list[str] = []
+        if self.retain_sampler is not None:
+            shard = self.retain_sampler.next_batch()[self.rank :: self.world_size]
+        batch = PromptBatch.cat([x, self.conditioner.embed(shard)]) if shard else x
+        cond_n = self.conditioner.condition(batch, trained=True)  # the one τ_n forward with gradient
+
+        # 3. global graph + Top-k selection
+        zero = torch.zeros((), device=self.sampler.device)
+        l_graph, selected = zero, torch.arange(0)
+        if shard:
+            cond_o_r = self.retain_original(shard)
+            retain_rows = torch.arange(n_erase, n_erase + len(shard))
+            trained_e = self.conditioner.train_encoders
+            if self.method == "sage" and cfg.retain.graph_weight > 0 and len(shard) >= 2:
+                l_graph = torch.stack([graph_loss(cond_n.features[e][retain_rows], cond_o_r.features[e],
+                                                  kind=cfg.retain.graph_loss, temperature=cfg.retain.graph_temperature)
+                                       for e in trained_e]).mean()
+            with torch.no_grad():
+                drift = torch.stack([(cond_n.features[e][retain_rows] * cond_o_r.features[e]).sum(-1)
+                                     for e in trained_e]).mean(0)
+                concept_feat = self.concepts[now[0]].cond.features
+                concept_sim = torch.stack([(cond_o_r.features[e] * concept_feat[e]).sum(-1) for e in trained_e]).mean(0)
+            k_local = max(1, math.ceil(cfg.retain.top_k / self.world_size))
+            selected = self._select(drift, concept_sim, k_local)
+            out["retain_drift_mean"] = float(drift.mean())
+
+        # 4. one partial DDIM rollout for [concepts; selected retain prompts], shared i and t
+        draw = self.sampler.draw(self.generator)
+        concept_cond = Conditioning.cat([self.concepts[c].cond for c in now])
+        parts = [concept_cond] + ([cond_o_r.select(selected)] if len(selected) else [])
+        roll_cond = Conditioning.cat(parts)
+        rows = n_erase + len(selected)
+        z = self.sampler.rollout(roll_cond, self.uncond(rows), draw.ddim_index, guidance=cfg.erase.start_guidance,
+                                 noise=self.sampler.initial_noise(rows, self.generator))
+        z_erase, z_retain = z[:n_erase], z[n_erase:]
+
+        # 5. frozen targets, then the student's predictions (gradient into τ_n)
+        with torch.no_grad():
+            target_cond = Conditioning.cat([self.uncond(n_erase), roll_cond])
+            eps_frozen = self.sampler.eps(torch.cat([z_erase, z]), draw.timestep, target_cond)
+            eps_uncond, eps_concept = eps_frozen[:n_erase], eps_frozen[n_erase : 2 * n_erase]
+            eps_retain_original = eps_frozen[2 * n_erase :]
+        student_rows = torch.cat([torch.arange(n_erase), n_erase + selected]) if len(selected) else torch.arange(n_erase)
+        eps_student = self.sampler.eps(z, draw.timestep, cond_n.select(student_rows))
+
+        # 6. total loss and one optimiser step
+        l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)
+        l_image = noise_retain_loss(eps_student[n_erase:], eps_retain_original) if len(selected) else zero
+        graph_weight = cfg.retain.graph_weight if self.method == "sage" else 0.0
+        total = l_erase + graph_weight * l_graph + cfg.retain.retain_loss_weight * l_image
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"step {step}: loss is {float(total)} (erase {float(l_erase)}, graph "
+                                     f"{float(l_graph)}, image {float(l_image)}); lower optim.lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.conditioner.trainable_parameters, cfg.optim.grad_clip)
+        self.optimizer.step()
+        out.update(loss=total.item(), erase_loss=l_erase.item(), graph_loss=l_graph.item(),
+                   retain_loss=l_image.item(), ddim_index=float(draw.ddim_index), timestep=float(draw.timestep))
+        return out
