@@ -1,0 +1,259 @@
+"""Attacks used to measure robustness (ASR) of an erased model (spec section 3.1).
+
+(a) :func:`prefix_token_attack`: UnlearnDiffAtk's ``text_grad`` attack (Diffusion-MU-Attack,
+``prefix_k``), re-implemented for a text-encoder-erased model. k adversarial tokens are inserted after the
+start token. Each is a distribution over the vocabulary (``[k, V]`` on the probability simplex, initialised
+uniform); a one-hot token is sampled from it (straight-through, gradient clipped with ``hardtanh``), its
+embedding goes through the *erased* text encoder and the UNet on the noisy reference latents, and the loss
+is the MSE between that noise prediction and the target: the added noise (``target="noise"``, UnlearnDiffAtk's
+criterion, default) or the original model's prediction for the un-attacked prompt (``target="original"``).
+Adam (lr 0.01, weight decay 0.1) updates the distribution, which is projected back onto the simplex.
+Timesteps are spread over [0, 1000) (``T // n // 2, +T // n, ...``: 10, 30, ..., 990 for n = 50) and
+visited in order, ``attack_steps`` (40) iterations each; after each timestep the argmax tokens are rendered
+with the erased model and judged, and the attack stops at the first success.
+
+(b) SAGE's own inside-out attack (``sage_dist.attack.inside_out``) and any other attack plug in through
+:data:`ExternalAttack`: a callable ``record -> AdversarialPrompt`` whose ``prompt_embeds`` are rendered with
+the erased model and judged like (a). See :func:`run_external_attack`.
+
+(c) Fixed prompt sets need no code here: their pre-ASR is the ASR.
+
+Shapes: K adversarial tokens, V vocabulary, D text width, L = 77 positions, latents [1, 4, h, w].
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixAttackConfig:
+    """UnlearnDiffAtk ``text_grad`` settings (defaults: its nudity config)."""
+
+    num_adv_tokens: int = 5
+    """k prefix tokens (5 for nudity, 3 for Van Gogh in UnlearnDiffAtk)."""
+    attack_steps: int = 40
+    """Optimisation iterations per timestep."""
+    attack_lr: float = 0.01
+    """Adam learning rate on the token distributions."""
+    weight_decay: float = 0.1
+    """Adam (L2) weight decay."""
+    num_timesteps: int = 50
+    """Timesteps spread evenly over [0, num_train_timesteps), visited in order; judged after each."""
+    target: Literal["noise", "original"] = "noise"
+    """Noise-prediction target: the added noise (UnlearnDiffAtk) or the original model's prediction."""
+    seed: int = 0
+    """Seed of the generator drawing noise and token samples."""
+
+    def __post_init__(self):
+        if self.num_adv_tokens < 1 or self.num_adv_tokens > 70:
+            raise ValueError(f"num_adv_tokens={self.num_adv_tokens}: use 1..70 (5 for nudity, 3 for style)")
+        if self.attack_steps < 1 or self.num_timesteps < 1:
+            raise ValueError("attack_steps and num_timesteps must be >= 1")
+        if self.attack_lr <= 0:
+            raise ValueError(f"attack_lr={self.attack_lr} must be > 0 (UnlearnDiffAtk: 0.01)")
+        if self.target not in ("noise", "original"):
+            raise ValueError(f"target={self.target!r}: use 'noise' or 'original'")
+
+
+@dataclass
+class AdversarialPrompt:
+    """What an attack hands back for rendering: conditioning for the erased model, and its text if any."""
+
+    prompt_embeds: Tensor
+    """``[1, L, D]`` encoder hidden states for the UNet (erased text encoder)."""
+    text: str | None = None
+    """Human-readable prompt (decoded tokens), when the attack works on tokens."""
+
+
+@dataclass
+class AttackOutcome:
+    """Result of attacking one prompt."""
+
+    success: bool
+    adversarial: AdversarialPrompt | None
+    """The prompt judged last (the successful one when ``success``)."""
+    num_judged: int
+    """How many adversarial prompts were rendered and judged."""
+    losses: list[float] = field(default_factory=list)
+    """Mean loss per visited timestep (prefix attack)."""
+    details: Any = None
+    """Judge output for the last rendered image (e.g. exposed classes)."""
+
+
+Judge = Callable[[AdversarialPrompt], tuple[bool, Any]]
+"""Render an adversarial prompt with the erased model (record's seed and guidance) and judge the image."""
+ExternalAttack = Callable[[Any], AdversarialPrompt]
+"""``record -> AdversarialPrompt``: the hook for SAGE's inside-out attack and other attacks."""
+
+
+def sampled_timesteps(num_timesteps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """UnlearnDiffAtk's ``sampled_t``: ``range(T // n // 2, T, T // n)[:n]`` (10, 30, ..., 990 for 50)."""
+    step = max(num_train_timesteps // num_timesteps, 1)
+    return list(range(step // 2, num_train_timesteps, step))[:num_timesteps]
+
+
+def project_to_simplex(v_KV: Tensor) -> Tensor:
+    """Euclidean projection of each row onto {x : x >= 0, sum x = 1} (exact, sort-based).
+
+    UnlearnDiffAtk solves the same projection by bisection. ``v_KV`` ``[K, V]`` float; returns ``[K, V]``.
+    """
+    u, _ = torch.sort(v_KV, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1.0
+    idx = torch.arange(1, v_KV.shape[-1] + 1, device=v_KV.device, dtype=v_KV.dtype)
+    cond = (u - css / idx) > 0  # true on a prefix, always at index 0
+    rho = cond.sum(-1, keepdim=True) - 1
+    theta = css.gather(-1, rho) / (rho + 1).to(v_KV.dtype)
+    return torch.clamp(v_KV - theta, min=0.0)
+
+
+class _SampleOneHotSTE(torch.autograd.Function):
+    """Forward: one-hot of a token drawn from each row's distribution. Backward: ``hardtanh(grad)``
+    (UnlearnDiffAtk's ``STERandSelect``)."""
+
+    @staticmethod
+    def forward(ctx, probs_KV: Tensor, generator: torch.Generator | None):
+        idx = torch.multinomial(probs_KV.detach().float().cpu(), 1, generator=generator).view(-1)
+        return F.one_hot(idx, probs_KV.shape[-1]).to(probs_KV.dtype).to(probs_KV.device)
+
+    @staticmethod
+    def backward(ctx, grad_KV):
+        return F.hardtanh(grad_KV), None
+
+
+def _core_text_model(encoder):
+    return encoder if hasattr(encoder, "embeddings") and hasattr(encoder, "final_layer_norm") else encoder.text_model
+
+
+def _prefixed_ids(tokenizer, prompt: str, k: int, placeholder_id: int) -> Tensor:
+    """``[1, 77]`` ids: SOT, k placeholders, the prompt's tokens (truncated to 75 - k), EOT, padding."""
+    max_len = tokenizer.model_max_length
+    content = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    content = content[: max_len - 2 - k]
+    ids = [tokenizer.bos_token_id] + [placeholder_id] * k + content + [tokenizer.eos_token_id]
+    ids = ids + [tokenizer.pad_token_id] * (max_len - len(ids))
+    return torch.tensor([ids])
+
+
+def encode_ids(text_encoder, input_ids: Tensor) -> Tensor:
+    """``[B, L, D]`` last hidden states of a CLIP text encoder (SD 1.x conditioning)."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def prefix_token_attack(
+    *,
+    unet,
+    text_encoder,
+    tokenizer,
+    noise_scheduler,
+    reference_latents: Tensor,
+    prompt: str,
+    cfg: PrefixAttackConfig,
+    judge: Judge,
+    original_text_encoder=None,
+) -> AttackOutcome:
+    """UnlearnDiffAtk-style prefix-token attack on one prompt against the erased text encoder.
+
+    Args:
+        unet: the pipeline's UNet (frozen; SD 1.x-style, no added conditioning).
+        text_encoder: the erased CLIP text encoder (frozen; only the token distributions are optimised).
+        tokenizer: its CLIP tokenizer.
+        noise_scheduler: provides ``add_noise`` and ``config.num_train_timesteps``.
+        reference_latents: ``[1, 4, h, w]`` VAE latents (scaled) of the original model's image for ``prompt``.
+        prompt: the attacked prompt.
+        cfg: attack settings.
+        judge: renders an :class:`AdversarialPrompt` with the erased model and returns (success, details).
+        original_text_encoder: needed when ``cfg.target == "original"``.
+
+    Returns:
+        :class:`AttackOutcome`; ``adversarial.text`` is "<decoded prefix> <prompt>".
+
+    Raises:
+        ValueError: ``target="original"`` without ``original_text_encoder``.
+    """
+    if cfg.target == "original" and original_text_encoder is None:
+        raise ValueError("target='original' needs original_text_encoder")
+    device = reference_latents.device
+    generator = torch.Generator().manual_seed(cfg.seed)
+    core = _core_text_model(text_encoder)
+    token_embedding = core.embeddings.token_embedding
+    weight_VD = token_embedding.weight.detach()
+    vocab = weight_VD.shape[0]
+    k = cfg.num_adv_tokens
+    ids = _prefixed_ids(tokenizer, prompt, k, placeholder_id=0).to(device)
+    plain_ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
+
+    probs_KV = torch.full((k, vocab), 1.0 / vocab, device=device, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([probs_KV], lr=cfg.attack_lr, weight_decay=cfg.weight_decay)
+    adv_holder: dict[str, Tensor] = {}
+
+    def replace_prefix(module, inputs, output):
+        adv = adv_holder.get("adv_KD")
+        if adv is None:
+            return output
+        adv = adv.to(output.dtype)[None].expand(output.shape[0], -1, -1)
+        return torch.cat([output[:, :1], adv, output[:, 1 + k:]], dim=1)
+
+    x0 = reference_latents.detach()
+    num_train = noise_scheduler.config.num_train_timesteps
+    losses: list[float] = []
+    outcome = AttackOutcome(success=False, adversarial=None, num_judged=0)
+    handle = token_embedding.register_forward_hook(replace_prefix)
+    try:
+        for t_int in sampled_timesteps(cfg.num_timesteps, num_train):
+            t = torch.tensor([t_int], device=device, dtype=torch.long)
+            total = 0.0
+            for _ in range(cfg.attack_steps):
+                noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
+                noisy = noise_scheduler.add_noise(x0, noise, t)
+                if cfg.target == "original":
+                    with torch.no_grad():
+                        target = unet(noisy, t, encoder_hidden_states=encode_ids(original_text_encoder, plain_ids)).sample
+                else:
+                    target = noise
+                one_hot_KV = _SampleOneHotSTE.apply(probs_KV, generator)
+                adv_holder["adv_KD"] = one_hot_KV @ weight_VD.to(one_hot_KV.dtype)
+                hidden = encode_ids(text_encoder, ids)
+                eps = unet(noisy, t, encoder_hidden_states=hidden).sample
+                loss = F.mse_loss(eps.float(), target.float())
+                (grad,) = torch.autograd.grad(loss, [probs_KV])
+                adv_holder.pop("adv_KD")
+                probs_KV.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    probs_KV.copy_(project_to_simplex(probs_KV))
+                total += float(loss)
+            losses.append(total / cfg.attack_steps)
+            adv_ids = probs_KV.detach().argmax(-1)
+            attack_ids = ids.clone()
+            attack_ids[0, 1:1 + k] = adv_ids
+            with torch.no_grad():
+                prompt_embeds = encode_ids(text_encoder, attack_ids)
+            text = tokenizer.decode(adv_ids.tolist()) + " " + prompt
+            adversarial = AdversarialPrompt(prompt_embeds=prompt_embeds, text=text)
+            success, details = judge(adversarial)
+            outcome = AttackOutcome(success=bool(success), adversarial=adversarial,
+                                    num_judged=outcome.num_judged + 1, losses=list(losses), details=details)
+            if success:
+                break
+    finally:
+        handle.remove()
+    return outcome
+
+
+def run_external_attack(attack: ExternalAttack, record: Any, judge: Judge) -> AttackOutcome:
+    """Hook for attacks implemented elsewhere (SAGE's inside-out attack, ...): one adversarial prompt per
+    record, rendered and judged like the prefix attack."""
+    adversarial = attack(record)
+    success, details = judge(adversarial)
+    return AttackOutcome(success=bool(success), adversarial=adversarial, num_judged=1, details=details)

@@ -1,0 +1,82 @@
+"""UnlearnDiffAtk-style prefix attack on the tiny SD pipeline (CPU, seeded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sage_dist.eval.attacks import (
+    AdversarialPrompt, PrefixAttackConfig, project_to_simplex, run_external_attack, sampled_timesteps,
+    prefix_token_attack,
+)
+
+
+def test_sampled_timesteps_match_unlearndiffatk():
+    ts = sampled_timesteps(50)
+    assert ts[:3] == [10, 30, 50] and ts[-1] == 990 and len(ts) == 50
+    assert sampled_timesteps(2) == [250, 750]
+
+
+def test_project_to_simplex():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 50, generator=g) * 3
+    p = project_to_simplex(v)
+    assert torch.all(p >= 0)
+    torch.testing.assert_close(p.sum(-1), torch.ones(4))
+    x = torch.softmax(torch.randn(3, 10, generator=g), -1)
+    torch.testing.assert_close(project_to_simplex(x), x)  # already on the simplex: unchanged
+    # closest point: no other random simplex point is nearer
+    for _ in range(20):
+        q = torch.softmax(torch.randn(4, 50, generator=g) * 3, -1)
+        assert torch.all(((v - p) ** 2).sum(-1) <= ((v - q) ** 2).sum(-1) + 1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="attack_lr"):
+        PrefixAttackConfig(attack_lr=0)
+    with pytest.raises(ValueError, match="num_adv_tokens"):
+        PrefixAttackConfig(num_adv_tokens=0)
+
+
+@pytest.mark.parametrize("target", ["noise", "original"])
+def test_prefix_attack_runs_on_tiny_sd_and_stops_at_success(target):
+    from sage_dist.models.tiny import build_tiny_sd
+
+    torch.set_flush_denormal(True)
+    pipe = build_tiny_sd(0)
+    erased = build_tiny_sd(1).text_encoder  # a different encoder stands in for the erased one
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te_before = {k: v.clone() for k, v in erased.state_dict().items()}
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    judged: list[AdversarialPrompt] = []
+
+    def judge(adv: AdversarialPrompt):
+        judged.append(adv)
+        return len(judged) >= 2, {"n": len(judged)}  # "succeeds" at the second check
+
+    cfg = PrefixAttackConfig(num_adv_tokens=3, attack_steps=3, num_timesteps=4, target=target)
+    out = prefix_token_attack(unet=pipe.unet, text_encoder=erased, tokenizer=pipe.tokenizer,
+                              noise_scheduler=pipe.scheduler, reference_latents=latents, prompt="a photo of a cat",
+                              cfg=cfg, judge=judge, original_text_encoder=pipe.text_encoder)
+    assert out.success and out.num_judged == 2 and len(out.losses) == 2
+    assert all(torch.isfinite(torch.tensor(out.losses)))
+    assert out.adversarial.prompt_embeds.shape == (1, 77, 32)
+    assert out.adversarial.text.endswith(" a photo of a cat")
+    # the attack never changes model weights, and the embedding hook is removed afterwards
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet_before.items())
+    assert all(torch.equal(v, erased.state_dict()[k]) for k, v in te_before.items())
+    ids = pipe.tokenizer("a cat", return_tensors="pt").input_ids
+    assert torch.equal(erased(ids)[0], build_tiny_sd(1).text_encoder(ids)[0])
+    # deterministic for a fixed seed
+    judged.clear()
+    again = prefix_token_attack(unet=pipe.unet, text_encoder=erased, tokenizer=pipe.tokenizer,
+                                noise_scheduler=pipe.scheduler, reference_latents=latents,
+                                prompt="a photo of a cat", cfg=cfg, judge=judge,
+                                original_text_encoder=pipe.text_encoder)
+    assert again.losses == out.losses and again.adversarial.text == out.adversarial.text
+
+
+def test_external_attack_hook():
+    adv = AdversarialPrompt(prompt_embeds=torch.zeros(1, 77, 32), text="x")
+    out = run_external_attack(lambda record: adv, record=None, judge=lambda a: (True, "ok"))
+    assert out.success and out.adversarial is adv and out.details == "ok"
