@@ -275,23 +275,32 @@ class StudyConfig:
 
     def override(self, args: list[str]) -> "StudyConfig":
         """Apply ``--section.field=value`` (or ``--section.field value``) overrides; unknown keys raise."""
-        flat: dict[str, Any] = {}
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            if not arg.startswith("--"):
-                raise ValueError(f"override {arg!r}: expected --section.field=value, e.g. --erase.negative_guidance=2.0")
-            body = arg[2:]
-            if "=" in body:
-                key, value = body.split("=", 1)
-            else:
-                if i + 1 >= len(args):
-                    raise ValueError(f"override {arg!r} has no value: write {arg}=VALUE")
-                key, value = body, args[i + 1]
-                i += 1
-            flat[key.replace("-", "_")] = value
+        return self.replace_flat(parse_overrides(args))
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--erase.negative_guidance=2.0", "--optim.lr", "1e-4"]`` -> ``{"erase.negative_guidance": "2.0", ...}``.
+
+    Raises:
+        ValueError: an argument that is not ``--section.field[=value]``, or a missing value.
+    """
+    flat: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"override {arg!r}: expected --section.field=value, e.g. --erase.negative_guidance=2.0")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r} has no value: write {arg}=VALUE")
+            key, value = body, args[i + 1]
             i += 1
-        return self.replace_flat(flat)
+        flat[key.replace("-", "_")] = value
+        i += 1
+    return flat
 
 
 # ---- helpers -----------------------------------------------------------------------------------------

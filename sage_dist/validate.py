@@ -58,8 +58,8 @@ def validate_inputs(cfg: StudyConfig) -> list[str]:
     from sage_dist.models.load import check_model_source
     from sage_dist.retention.prompts import resolve_retain_prompts
 
-    check_model_source(cfg.model.model_id)
     check_concepts(cfg)
+    check_model_source(cfg.model.model_id)
     if cfg.erase.method == "esd":
         return []
     prompts = resolve_retain_prompts(cfg.retain.retain_prompts, model_id=cfg.model.model_id,

@@ -79,7 +79,7 @@ def inside_out_attack(conditioner: TextConditioner, prompt: AttackPrompt, concep
     for _ in range(cfg.attack_steps):
         loss, _h1, _h2 = _objective(conditioner, work, concept_features, word_features, cfg)
         grads = torch.autograd.grad(loss, leaves)
-        losses.append(float(loss))
+        losses.append(loss.item())
         with torch.no_grad():
             if optimizer is not None:
                 for leaf, g in zip(leaves, grads):

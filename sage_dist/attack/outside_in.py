@@ -45,7 +45,7 @@ def outside_in_attack(conditioner: TextConditioner, sampler: DiffusionSampler, p
         eps_adv = sampler.eps(z, draw.timestep, cond_adv)
         loss: Tensor = torch.mean((eps_adv - eps_target) ** 2)
         grads = torch.autograd.grad(loss, leaves)
-        losses.append(float(loss))
+        losses.append(loss.item())
         with torch.no_grad():
             if optimizer is not None:
                 for leaf, g in zip(leaves, grads):

@@ -105,3 +105,40 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("model.device=cuda but CUDA is not available; use model.device=cpu or auto.")
     return torch.device(device)
+
+
+def load_erased_text_encoders(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                              device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+    """The erased encoder(s) saved by ``sage-dist erase``: ``{"text_encoder": ..., "text_encoder_2": ...}``.
+
+    Each is loaded with ``CLIPTextModel.from_pretrained`` (``CLIPTextModelWithProjection`` for the second
+    encoder) from safetensors.
+
+    Raises:
+        ValueError: the folder holds neither ``text_encoder/`` nor ``text_encoder_2/``.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root = Path(folder).expanduser()
+    if (root / "config.json").is_file():  # a single encoder folder: the first encoder
+        candidates = {"text_encoder": root}
+    else:
+        candidates = {"text_encoder": root / "text_encoder", "text_encoder_2": root / "text_encoder_2"}
+    out: dict[str, torch.nn.Module] = {}
+    for name, sub in candidates.items():
+        cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
+        if (sub / "config.json").is_file():
+            out[name] = cls.from_pretrained(sub, torch_dtype=dtype).to(device).eval()
+    if not out:
+        raise ValueError(f"--text-encoder {folder}: no text_encoder/ or text_encoder_2/ with config.json found; "
+                         "give the --out folder of `sage-dist erase`.")
+    return out
+
+
+def swap_text_encoders(pipe, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """Put ``encoders`` into ``pipe`` (by attribute name); returns the modules they replaced."""
+    previous = {}
+    for name, module in encoders.items():
+        previous[name] = getattr(pipe, name)
+        setattr(pipe, name, module.to(device=previous[name].device, dtype=previous[name].dtype))
+    return previous

@@ -239,3 +239,28 @@ class Eraser:
         out.update(loss=total.item(), erase_loss=l_erase.item(), graph_loss=l_graph.item(),
                    retain_loss=l_image.item(), ddim_index=float(draw.ddim_index), timestep=float(draw.timestep))
         return out
+
+
+@torch.no_grad()
+def erase_objective(eraser: Eraser, concept: str, *, seed: int, num_draws: int = 4,
+                    prompt: PromptBatch | None = None) -> float:
+    """L_erase of ``prompt`` (default: the plain concept word) for ``concept``'s targets, averaged over
+    ``num_draws`` fixed (i, t, noise) draws of ``seed``.
+
+    A deterministic yardstick for "did training lower the erase objective" (independent of the training
+    RNG). Returns a float (mean squared error to the negative-guidance target, spec §1.4).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = eraser.concepts[concept]
+    eta = eraser.cfg.erase.negative_guidance
+    total = 0.0
+    for _ in range(num_draws):
+        draw = eraser.sampler.draw(generator)
+        z = eraser.sampler.rollout(state.cond, eraser.uncond(1), draw.ddim_index, guidance=eraser.cfg.erase.start_guidance,
+                                   noise=eraser.sampler.initial_noise(1, generator))
+        eps_u, eps_c = eraser.sampler.eps(torch.cat([z, z]), draw.timestep,
+                                          Conditioning.cat([eraser.uncond(1), state.cond])).chunk(2)
+        x = prompt if prompt is not None else state.word
+        student = eraser.sampler.eps(z, draw.timestep, eraser.conditioner.condition(x, trained=True))
+        total += float(erase_loss(student, eps_u, eps_c, negative_guidance=eta))
+    return total / num_draws

@@ -1,0 +1,224 @@
+"""The Ray Train worker function: one SAGE erasure, data-parallel over the Train worker group.
+
+Distribution lives here and nowhere else (the torchtitan rule): :func:`run_erasure` is single-device code;
+this module adds
+
+* rank and world size from ``ray.train.get_context()``; DDP on the trainable encoder through
+  ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU: :func:`torch_backend`). The step already
+  splits its work by rank: each worker draws its own rollout noise and attack templates and takes its shard
+  of the retain batch (``sage_dist/train/step.py``), so more workers explore more of the concept domain;
+* a checkpoint every ``scaling.checkpoint_every`` steps, reported with ``ray.train.report`` (rank 0 uploads
+  the folder ``run_erasure`` wrote: safetensors weights, optimizer, RNG and attack state); a restarted
+  worker group resumes from ``ray.train.get_checkpoint()`` and ends bit-identical to an uninterrupted run;
+* intermediate metrics at each checkpoint (losses and the text-space proxy, so ASHA can stop a trial) and the
+  final metrics of :func:`sage_dist.tune.objective.evaluate_trial`;
+* MLflow logging on rank 0 only (per-step losses, final metrics, the original-vs-erased image grid, the
+  erased encoder), into the child run the Tune trial created.
+
+Called directly (no Ray session), it runs as rank 0 of 1 and returns the final metrics (tests)::
+
+    python -c "from sage_dist.config import *; from sage_dist.train.ray_worker import train_fn_per_worker, \
+worker_config; print(train_fn_per_worker(worker_config(StudyConfig(model=ModelConfig(model_id='tiny-sd'), \
+optim=OptimConfig(num_steps=4), erase=EraseConfig(warmup_steps=2, ddim_steps=4), \
+attack=AttackConfig(attack_steps=3), retain=RetainConfig(retain_batch_size=4, top_k=2)))))"
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sage_dist.config import StudyConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerRun:
+    """Per-run settings of a worker that are not part of the study configuration."""
+
+    tracking_uri: str = ""
+    """Absolute MLflow tracking URI of ``run_id``; "" logs nothing."""
+    run_id: str = ""
+    """MLflow run (the trial's child run) that rank 0 logs to; "" logs nothing."""
+    out_dir: str = ""
+    """Where rank 0 saves the erased encoder (``save_outputs``); "" uses a temporary folder."""
+    log_images: bool = True
+    """Log the original-vs-erased image grid."""
+    log_encoder: bool = True
+    """Log the erased encoder folder as an MLflow artifact."""
+    grid_steps: int = 10
+    """DDIM steps of the image grid."""
+
+    def __post_init__(self) -> None:
+        if bool(self.tracking_uri) != bool(self.run_id):
+            raise ValueError("WorkerRun: give both tracking_uri and run_id, or neither")
+        if self.grid_steps < 1:
+            raise ValueError(f"WorkerRun.grid_steps={self.grid_steps}: must be >= 1")
+
+
+def worker_config(cfg: StudyConfig, run: WorkerRun | None = None) -> dict[str, Any]:
+    """The ``train_loop_config`` dict of :func:`train_fn_per_worker` (plain, picklable, flat config)."""
+    return {"study": cfg.to_flat_dict(), "run": dataclasses.asdict(run or WorkerRun())}
+
+
+def torch_backend(use_gpu: bool) -> str:
+    """The process-group backend: NCCL on GPUs, gloo on CPUs."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def _train_context():
+    """``ray.train.get_context()`` inside a Ray Train worker, else None."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        ctx.get_world_rank()
+        return ctx
+    except (ImportError, RuntimeError, AttributeError):
+        return None
+
+
+def _process_start_time() -> float:
+    """When this process started (Unix time), to measure worker start-up."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _tracker(run: WorkerRun, rank: int):
+    from sage_dist.tracking import MlflowTracker, NullTracker
+
+    if rank != 0 or not run.run_id:
+        return NullTracker()
+    return MlflowTracker(run.tracking_uri, run.run_id)
+
+
+def _encoders_from_checkpoint(folder: Path, pipe, train_encoders: tuple[int, ...]) -> dict[int, torch.nn.Module]:
+    """The trained encoders stored in a checkpoint folder (``trainable.safetensors``), as CLIP text models."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "trainable.safetensors")
+    out = {}
+    for e in train_encoders:
+        enc = copy.deepcopy(pipe.text_encoder if e == 0 else pipe.text_encoder_2).to(torch.float32)
+        prefix = f"encoders.{e}."
+        enc.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        out[e] = enc.eval()
+    return out
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    """Run one erasure on this worker (see module docstring); returns the final metrics (rank 0; others {}).
+
+    Args:
+        config: from :func:`worker_config`: ``{"study": flat StudyConfig, "run": WorkerRun fields}``.
+    Raises:
+        ValueError: bad configuration or inputs (before the model is loaded).
+        FloatingPointError: a loss or a final metric is NaN / infinite.
+    """
+    from sage_dist.models.load import DTYPES, load_pipeline, resolve_device
+    from sage_dist.train.loop import run_erasure
+    from sage_dist.tune.objective import evaluate_trial, image_grid, text_proxy_metrics
+    from sage_dist.validate import validate_inputs
+
+    t_enter = time.time()
+    cfg = StudyConfig.from_flat_dict(config["study"])
+    run = WorkerRun(**config["run"])
+    retain_prompts = validate_inputs(cfg)
+    torch.set_flush_denormal(True)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    ctx = _train_context()
+    rank, world_size = (ctx.get_world_rank(), ctx.get_world_size()) if ctx is not None else (0, 1)
+    if ctx is not None:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    tracker = _tracker(run, rank)
+
+    if ctx is not None and cfg.scaling.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = resolve_device(cfg.model.device)
+    t_load = time.time()
+    pipe = load_pipeline(cfg.model.model_id, dtype=DTYPES[cfg.model.frozen_dtype], device=device)
+    timing = {"time_worker_start_s": t_enter - _process_start_time(), "time_load_s": time.time() - t_load}
+    originals = {0: pipe.text_encoder, **({1: pipe.text_encoder_2} if getattr(pipe, "text_encoder_2", None) is not None else {})}
+
+    resume_dir, resume_ctx = None, None
+    wrap = None
+    if ctx is not None:
+        import ray.train
+        import ray.train.torch
+
+        wrap = ray.train.torch.prepare_model
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            resume_ctx = checkpoint.as_directory()
+            resume_dir = resume_ctx.__enter__()
+            log.info("rank %d resumes from %s", rank, resume_dir)
+
+    last = {"metrics": {}}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        last["metrics"] = metrics
+
+    def on_checkpoint(done: int, folder: Path) -> None:
+        report = {"step": done, **{k: v for k, v in last["metrics"].items()}}
+        if rank == 0:
+            trained = _encoders_from_checkpoint(Path(folder), pipe, cfg.model.train_encoders)
+            proxy = text_proxy_metrics(cfg, originals, trained, pipe.tokenizer, retain_prompts)
+            report.update(proxy)
+            tracker.log_metrics(proxy, done)
+        if ctx is not None:
+            import ray.train
+
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None,
+                             checkpoint_dir_name=f"step_{done:06d}")
+
+    with tempfile.TemporaryDirectory(prefix="sage_ckpt_") as ckpt_root:
+        try:
+            result = run_erasure(cfg, out_dir=None, tracker=tracker, rank=rank, world_size=world_size,
+                                 wrap_trainable=wrap, on_step=on_step, on_checkpoint=on_checkpoint,
+                                 checkpoint_dir=ckpt_root, resume_from=resume_dir, progress=False, pipe=pipe)
+        finally:
+            if resume_ctx is not None:
+                resume_ctx.__exit__(None, None, None)
+
+    final: dict[str, float] = {}
+    if rank == 0:
+        from sage_dist.train.loop import save_outputs
+
+        t_eval = time.time()
+        final = evaluate_trial(cfg, result, pipe=pipe, retain_prompts=retain_prompts)
+        timing.update(time_train_s=result.wall_time_s, time_eval_s=time.time() - t_eval)
+        t_log = time.time()
+        tracker.log_metrics(final, cfg.optim.num_steps)
+        with tempfile.TemporaryDirectory(prefix="sage_out_") as tmp:
+            out = Path(run.out_dir) if run.out_dir else Path(tmp)
+            save_outputs(out, result, cfg)
+            if run.log_encoder:
+                tracker.log_artifacts(out, "erased_encoder")
+        if run.log_images:
+            try:
+                grid = image_grid(cfg, pipe, result.text_encoders, num_inference_steps=run.grid_steps)
+                tracker.log_image(grid, "images/original_vs_erased.png")
+            except Exception as err:  # a grid is a nicety: never fail a finished trial for it
+                log.warning("image grid skipped: %s: %s", type(err).__name__, err)
+        timing["time_log_s"] = time.time() - t_log
+        tracker.log_metrics(timing, cfg.optim.num_steps)
+        final.update(timing)
+    if ctx is not None:
+        import ray.train
+
+        ray.train.report({"step": cfg.optim.num_steps, "done": 1, **final})
+    return final

@@ -1,0 +1,239 @@
+"""The engine on tiny random SD / SDXL: wiring, gradients, objectives, determinism, resume (issue 2 item 7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sage_dist.attack.inside_out import inside_out_attack
+from sage_dist.attack.prompt import build_attack_prompt
+from sage_dist.models.text import TextConditioner, select_trainable_parameters
+from sage_dist.models.tiny import build_tiny_sd, build_tiny_sdxl
+from sage_dist.train.loop import run_erasure
+from sage_dist.train.step import Eraser, erase_objective
+from sage_dist.validate import validate_inputs
+from tests.conftest import tiny_config
+
+GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "losses" / "tiny_sd_sage.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return build_tiny_sd(0)
+
+
+def _eraser(cfg, pipe=None):
+    from sage_dist.models.load import load_pipeline
+
+    pipe = pipe or load_pipeline(cfg.model.model_id)
+    return Eraser(cfg, pipe, validate_inputs(cfg))
+
+
+def test_encoding_from_embeddings_equals_clip_forward(tiny_sd):
+    tc = TextConditioner(tiny_sd)
+    ids = tc.tokenize(["a photo of a cat", "a triangle"])
+    cond = tc.condition(tc.embed_ids(ids), trained=False)
+    ref = tiny_sd.text_encoder(ids[0])
+    assert torch.allclose(cond.encoder_hidden_states, ref.last_hidden_state, atol=1e-6)
+    # truncating at EOT is exact for positions before it (causal encoder)
+    short = tc.condition(tc.embed_ids(ids), trained=False, length=7)
+    assert torch.allclose(short.final[0][:, :7], cond.final[0][:, :7], atol=1e-6)
+    assert torch.allclose(short.features[0], cond.features[0], atol=1e-6)
+
+
+def test_sdxl_conditioning_matches_pipeline_encode_prompt():
+    pipe = build_tiny_sdxl(0)
+    tc = TextConditioner(pipe, train_encoders=(0, 1))
+    cond = tc.condition(tc.embed(["a photo of a cat"]), trained=True)
+    embeds, _, pooled, _ = pipe.encode_prompt(["a photo of a cat"], do_classifier_free_guidance=False)
+    assert torch.allclose(cond.encoder_hidden_states, embeds, atol=1e-6)
+    assert torch.allclose(cond.added_cond_kwargs["text_embeds"], pooled, atol=1e-6)
+
+
+def test_trainable_selection_freezes_embeddings(tiny_sd):
+    enc = build_tiny_sd(0).text_encoder
+    params = select_trainable_parameters(enc, trainable="full")
+    names = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("encoder.layers", "final_layer_norm")) for n in names)
+    assert not any("embedding" in n for n in names)
+    assert len(params) == len(names)
+    select_trainable_parameters(enc, trainable="attn", layers=(1,))
+    names = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("encoder.layers.1.self_attn") for n in names)
+    with pytest.raises(ValueError, match="has 4 blocks"):
+        select_trainable_parameters(enc, layers=(7,))
+
+
+def test_train_step_updates_only_the_trainable_encoder():
+    cfg = tiny_config(**{"erase.warmup_steps": 0})
+    eraser = _eraser(cfg)
+    pipe_unet = eraser.sampler.unet
+    before = {n: p.clone() for n, p in eraser.conditioner.trainable.named_parameters()}
+    frozen_before = [p.clone() for p in eraser.conditioner.original[0].parameters()]
+    eraser.train_step(0)
+    assert all(p.grad is None for p in pipe_unet.parameters())
+    assert all(p.grad is None for p in eraser.conditioner.original[0].parameters())
+    changed = {n for n, p in eraser.conditioner.trainable.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".encoder.layers." in n or "final_layer_norm" in n for n in changed)
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, eraser.conditioner.original[0].parameters()))
+
+
+def test_attack_gradient_reaches_only_template_embeddings(tiny_sd):
+    tc = TextConditioner(tiny_sd)
+    prompt = build_attack_prompt(tc, "triangle", template="a photo of {} in the city")
+    # learnable: "a photo of" (3) and "in the city" (3); the concept's token stays fixed
+    assert prompt.learnable.tolist() == [1, 2, 3, 5, 6, 7] and prompt.eot_index == 8
+    from sage_dist.config import AttackConfig
+
+    with torch.no_grad():
+        concept = tc.condition(tc.embed(["triangle"]), trained=False).features
+    table_before = tc.token_embedding(0).weight.clone()
+    result = inside_out_attack(tc, prompt, concept, AttackConfig(attack_steps=5, attack_lr=1e-2), max_norms=[1e9])
+    assert all(p.grad is None for p in tc.trainable.parameters())
+    assert all(p.grad is None for p in tiny_sd.unet.parameters())
+    assert torch.equal(tc.token_embedding(0).weight, table_before)
+    assert not torch.equal(result.prompt.tokens[0], prompt.tokens[0])
+    assert result.losses[-1] < result.losses[0]
+    # the concept position is untouched in the assembled prompt
+    assembled = result.prompt.assemble(tc).embeds[0][0]
+    assert torch.equal(assembled[4], tc.token_embedding(0)(prompt.ids[0][4:5])[0])
+
+
+@pytest.mark.parametrize("method", ["sage", "esd", "advunlearn"])
+def test_each_method_lowers_its_erase_objective_in_warmup(method):
+    # tiny random UNets barely respond to text (‖e_c − e_∅‖² ~ 1e-4), so the trend needs ~16 steps to show
+    cfg = tiny_config(**{"erase.method": method, "optim.num_steps": 16, "optim.lr": 1e-3, "erase.warmup_steps": 16})
+    eraser = _eraser(cfg)
+    before = erase_objective(eraser, "triangle", seed=123)
+    for step in range(cfg.optim.num_steps):
+        eraser.train_step(step)
+    after = erase_objective(eraser, "triangle", seed=123)
+    assert after < 0.8 * before, (method, before, after)
+
+
+@pytest.mark.parametrize("method", ["sage", "advunlearn"])
+def test_self_erasure_lowers_the_objective_on_the_attack_prompt(method):
+    # one attack at step 1, then 14 training steps on that attack prompt (steps_per_cycle=15)
+    cfg = tiny_config(**{"erase.method": method, "optim.num_steps": 16, "optim.lr": 1e-3, "erase.warmup_steps": 1,
+                         "erase.steps_per_cycle": 15})
+    eraser = _eraser(cfg)
+    eraser.train_step(0)
+    eraser.train_step(1)
+    attack_prompt = eraser.concepts["triangle"].attack.assemble(eraser.conditioner).detach()
+    before = erase_objective(eraser, "triangle", seed=7, prompt=attack_prompt)
+    for step in range(2, cfg.optim.num_steps):
+        eraser.train_step(step)
+    assert len(eraser.concepts["triangle"].attack_log) == 1
+    after = erase_objective(eraser, "triangle", seed=7, prompt=attack_prompt)
+    assert after < 0.8 * before, (method, before, after)
+
+
+def test_golden_trace_of_first_losses():
+    cfg = tiny_config(**{"optim.num_steps": 10, "erase.warmup_steps": 4})
+    result = run_erasure(cfg, progress=False)
+    losses = [round(h["loss"], 10) for h in result.history]
+    if not GOLDEN.exists():  # written once, then committed; refactors must match it
+        GOLDEN.write_text(json.dumps({"config": "tests/conftest.py tiny_config, 10 steps, warm-up 4", "losses": losses}))
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert losses == pytest.approx(golden, rel=1e-4, abs=1e-9)
+
+
+def test_same_seed_same_encoder_bit_for_bit(tmp_path):
+    cfg = tiny_config()
+    a = run_erasure(cfg, progress=False).text_encoders[0].state_dict()
+    b = run_erasure(cfg, progress=False).text_encoders[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = run_erasure(tiny_config(**{"optim.seed": 1}), progress=False).text_encoders[0].state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    cfg = tiny_config(**{"optim.num_steps": 6, "erase.warmup_steps": 2, "scaling.checkpoint_every": 3,
+                         "attack.reinit": "latest"})
+    full = run_erasure(cfg, progress=False, checkpoint_dir=tmp_path / "ck")
+    ckpt = tmp_path / "ck" / "step_000003"
+    assert (ckpt / "trainable.safetensors").is_file() and not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.bin"))
+    resumed = run_erasure(cfg, progress=False, resume_from=ckpt)
+    a, b = full.text_encoders[0].state_dict(), resumed.text_encoders[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    with pytest.raises(ValueError, match="different configuration"):
+        run_erasure(tiny_config(**{"optim.num_steps": 6, "erase.warmup_steps": 2, "retain.top_k": 1}),
+                    progress=False, resume_from=ckpt)
+
+
+def test_outputs_load_with_from_pretrained_and_swap_into_pipeline(tmp_path):
+    from transformers import CLIPTextModel
+
+    from sage_dist.models.load import load_erased_text_encoders, swap_text_encoders
+
+    result = run_erasure(tiny_config(), out_dir=tmp_path / "out", progress=False)
+    enc = CLIPTextModel.from_pretrained(tmp_path / "out" / "text_encoder")
+    ref = result.text_encoders[0].state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in enc.state_dict().items())
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["seed"] == 0 and len(record["history"]) == 4 and record["wall_time_s"] > 0
+    assert record["versions"]["torch"] and record["config"]["erase.method"] == "sage"
+    pipe = build_tiny_sd(0)
+    swap_text_encoders(pipe, load_erased_text_encoders(tmp_path / "out"))
+    image = pipe("a triangle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("encoders", [(0,), (1,), (0, 1)])
+def test_sdxl_trains_either_or_both_encoders(encoders):
+    cfg = tiny_config(**{"model.model_id": "tiny-sdxl", "model.train_encoders": encoders, "optim.num_steps": 3,
+                         "erase.warmup_steps": 1})
+    result = run_erasure(cfg, progress=False)
+    assert set(result.text_encoders) == set(encoders)
+    pipe = build_tiny_sdxl(0)
+    originals = [pipe.text_encoder, pipe.text_encoder_2]
+    for e, enc in result.text_encoders.items():
+        sd_new, sd_old = enc.state_dict(), originals[e].state_dict()
+        assert any(not torch.equal(sd_new[k], sd_old[k]) for k in sd_old)
+
+
+def test_multi_concept_each_with_its_own_attack():
+    cfg = tiny_config(**{"erase.erase_concept": "cat,dog", "optim.num_steps": 6, "erase.warmup_steps": 2})
+    result = run_erasure(cfg, progress=False)
+    assert len(result.attack_log["cat"]) == 2 and len(result.attack_log["dog"]) == 2
+    summed = run_erasure(tiny_config(**{"erase.erase_concept": "cat,dog", "erase.multi_concept": "sum",
+                                        "optim.num_steps": 3, "erase.warmup_steps": 1}), progress=False)
+    assert len(summed.attack_log["cat"]) == 2 and len(summed.attack_log["dog"]) == 2
+
+
+def test_bad_input_fails_before_model_work(tmp_path, monkeypatch):
+    import sage_dist.train.loop as loop
+
+    def boom(*args, **kwargs):  # loading a model would be "model work"
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(loop, "load_pipeline", boom)
+    with pytest.raises(ValueError, match="no such folder"):
+        run_erasure(tiny_config(**{"model.model_id": str(tmp_path / "missing")}))
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="no text_encoder/"):
+        run_erasure(tiny_config(**{"model.model_id": str(tmp_path / "pipe")}))
+    with pytest.raises(ValueError, match="fewer than retain.retain_batch_size=64"):
+        run_erasure(tiny_config(**{"retain.retain_batch_size": 64, "retain.retain_prompts": str(_small_retain(tmp_path))}))
+    with pytest.raises(ValueError, match="unknown concept of the bundled world"):
+        run_erasure(tiny_config(**{"model.model_id": "world", "erase.erase_concept": "nudity"}))
+    with pytest.raises(ValueError, match="has no tokens"):
+        run_erasure(tiny_config(**{"erase.erase_concept": "   ,cat"}))
+
+
+def _small_retain(tmp_path):
+    path = tmp_path / "retain.txt"
+    path.write_text("\n".join(f"a photo of object number {i}" for i in range(10)))
+    return path
+
+
+def test_long_retain_prompts_warn_once(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text("\n".join(["a photo of a chair"] * 3 + ["word " * 100, "thing " * 90]))
+    with pytest.warns(UserWarning, match="2 retain prompts exceed 77 CLIP tokens"):
+        validate_inputs(tiny_config(**{"retain.retain_prompts": str(path), "retain.retain_batch_size": 4}))

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny configs and paths. Everything is CPU, offline and seeded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see sage_dist/__init__.py
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_flush_denormal(True)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def tiny_config(**flat):
+    """A seconds-long SAGE config on tiny-sd; ``flat`` holds dotted overrides."""
+    from sage_dist.config import StudyConfig
+
+    base = {"model.model_id": "tiny-sd", "optim.num_steps": 4, "optim.lr": 1e-3, "erase.warmup_steps": 2,
+            "erase.ddim_steps": 4, "attack.attack_steps": 3, "retain.retain_batch_size": 4, "retain.top_k": 2}
+    base.update(flat)
+    return StudyConfig().replace_flat(base)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is not beside the repo ({SHARED}); the shared prompt sets are needed")
+    return SHARED
