@@ -1,0 +1,18 @@
+"""Experiment tracking: :class:`MlflowTracker` (MLflow, rank 0 only) and the do-nothing :class:`NullTracker`.
+
+Only this package imports ``mlflow`` (STYLE.md), and only when a run is created, so importing it is cheap.
+"""
+
+from sage_dist.tracking.mlflow_tracker import (
+    MlflowTracker,
+    NullTracker,
+    TrackingTarget,
+    check_tracking_reachable,
+    ensure_experiment,
+    git_sha,
+    resolve_tracking,
+    ui_instructions,
+)
+
+__all__ = ["MlflowTracker", "NullTracker", "TrackingTarget", "check_tracking_reachable", "ensure_experiment",
+           "git_sha", "resolve_tracking", "ui_instructions"]
