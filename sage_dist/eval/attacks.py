@@ -129,6 +129,13 @@ class _SampleOneHotSTE(torch.autograd.Function):
         return F.hardtanh(grad_KV), None
 
 
+def noisy_latents(x0_BCHW: Tensor, noise_BCHW: Tensor, alpha_cumprod: Tensor | float) -> Tensor:
+    """DDPM forward process ``sqrt(a) x0 + sqrt(1 - a) noise`` with ``a = alphas_cumprod[t]`` (UnlearnDiffAtk's
+    ``get_loss``; independent of the sampling scheduler's inference timesteps)."""
+    a = float(alpha_cumprod)
+    return x0_BCHW * a ** 0.5 + noise_BCHW * (1.0 - a) ** 0.5
+
+
 def _core_text_model(encoder):
     return encoder if hasattr(encoder, "embeddings") and hasattr(encoder, "final_layer_norm") else encoder.text_model
 
@@ -166,7 +173,7 @@ def prefix_token_attack(
         unet: the pipeline's UNet (frozen; SD 1.x-style, no added conditioning).
         text_encoder: the erased CLIP text encoder (frozen; only the token distributions are optimised).
         tokenizer: its CLIP tokenizer.
-        noise_scheduler: provides ``add_noise`` and ``config.num_train_timesteps``.
+        noise_scheduler: provides ``alphas_cumprod`` and ``config.num_train_timesteps`` (any SD scheduler).
         reference_latents: ``[1, 4, h, w]`` VAE latents (scaled) of the original model's image for ``prompt``.
         prompt: the attacked prompt.
         cfg: attack settings.
@@ -205,6 +212,7 @@ def prefix_token_attack(
 
     x0 = reference_latents.detach()
     num_train = noise_scheduler.config.num_train_timesteps
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
     losses: list[float] = []
     outcome = AttackOutcome(success=False, adversarial=None, num_judged=0)
     handle = token_embedding.register_forward_hook(replace_prefix)
@@ -214,7 +222,7 @@ def prefix_token_attack(
             total = 0.0
             for _ in range(cfg.attack_steps):
                 noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
-                noisy = noise_scheduler.add_noise(x0, noise, t)
+                noisy = noisy_latents(x0, noise, alphas_cumprod[t_int])
                 if cfg.target == "original":
                     with torch.no_grad():
                         target = unet(noisy, t, encoder_hidden_states=encode_ids(original_text_encoder, plain_ids)).sample
@@ -232,7 +240,7 @@ def prefix_token_attack(
                 optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     probs_KV.copy_(project_to_simplex(probs_KV))
-                total += float(loss)
+                total += loss.item()
             losses.append(total / cfg.attack_steps)
             adv_ids = probs_KV.detach().argmax(-1)
             attack_ids = ids.clone()
