@@ -16,12 +16,13 @@ VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
 
 
-def _text_config(hidden: int = 32, layers: int = 4, projection_dim: int = 32, pad_token_id: int = EOS_ID):
+def _text_config(hidden: int = 32, layers: int = 4, projection_dim: int = 32, pad_token_id: int = EOS_ID,
+                 heads: int = 4):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        num_attention_heads=heads, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=pad_token_id, projection_dim=projection_dim,
     )
 
@@ -93,6 +94,34 @@ def build_tiny_sdxl(seed: int = 0):
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_clip_tokenizer(),
         tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet, scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd14_shaped(seed: int = 0):
+    """A ``StableDiffusionPipeline`` with SD v1.4's published UNet and CLIP ViT-L/14 text-encoder configs and
+    random weights (benchmarks only: 860M-parameter UNet, 123M-parameter encoder, 64x64x4 latents).
+
+    The VAE is the tiny one (scale factor 8, as SD's): erasure never runs the VAE, so its size is irrelevant.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sage_dist.models.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(hidden=768, layers=12, projection_dim=768, heads=12))
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed), text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,155 @@
+"""Cost of SAGE's inside-out text attack vs AdvUnlearn's outside-in UNet attack, and of one SAGE vs one ESD
+iteration, on an SD-v1.4-*shaped* model with random weights (CPU, fp32, batch 1, 64x64 latents). Issue 2 item 8.
+
+    python benchmarks/attack_cost.py                 # SD-1.4 shape, ~10-15 min on 2 cores
+    python benchmarks/attack_cost.py --model tiny-sd # seconds (smoke)
+
+Each phase runs in its own process, so its peak RSS is its own. The outside-in attack and the iterations
+need a partial DDIM rollout whose length is S − 1 − i for i ~ U{0..S−1} (mean 24.5 steps for S = 50).
+Running that in full costs ~8 minutes per rollout on this CPU, so each phase is *measured* with the rollout
+index fixed to give one DDIM step, the time of one DDIM step at that batch is measured in the same phase,
+and the expected cost is reported as measured + (E[n] − 1) x DDIM-step time ("expected" columns). Both
+numbers are printed; ratios use the expected costs (and the measured ones, for reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _build(model: str):
+    import torch
+
+    torch.set_flush_denormal(True)
+    from sage_dist.models.load import load_pipeline
+    from sage_dist.models.tiny import build_sd14_shaped
+
+    return build_sd14_shaped(0) if model == "sd14-shape" else load_pipeline(model)
+
+
+class _FixedDraw:
+    """Wraps a DiffusionSampler: i fixed to S − 2 (a one-step rollout) and rollout time recorded."""
+
+    def __init__(self, sampler):
+        from sage_dist.train.rollout import RolloutDraw
+
+        self.sampler, self.rollout_s, self.rollout_steps = sampler, 0.0, 0
+        i = sampler.ddim_steps - 2
+        t = sampler.num_train_timesteps * i // sampler.ddim_steps
+        sampler.draw = lambda generator: RolloutDraw(i, t)
+        original = sampler.rollout
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.rollout_s += time.perf_counter() - t0
+            self.rollout_steps += sampler.ddim_steps - 1 - args[2]
+            return out
+
+        sampler.rollout = timed
+
+    def per_step(self) -> float:
+        return self.rollout_s / max(self.rollout_steps, 1)
+
+
+def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queue) -> None:
+    import torch
+
+    from sage_dist.attack.inside_out import inside_out_attack
+    from sage_dist.attack.outside_in import outside_in_attack
+    from sage_dist.attack.prompt import build_attack_prompt, max_token_norms
+    from sage_dist.config import AttackConfig, StudyConfig
+    from sage_dist.models.text import TextConditioner
+    from sage_dist.train.rollout import DiffusionSampler
+    from sage_dist.train.step import Eraser
+
+    pipe = _build(model)
+    mean_rollout = (50 - 1) / 2
+    out: dict[str, float] = {}
+    if name in ("inside_out", "outside_in"):
+        tc = TextConditioner(pipe)
+        prompt = build_attack_prompt(tc, "nudity", template="a photo of {}")
+        with torch.no_grad():
+            concept = tc.condition(tc.embed(["nudity"]), trained=False)
+        norms = max_token_norms(tc)
+        if name == "inside_out":
+            cfg = AttackConfig(attack_steps=attack_steps)
+            inside_out_attack(tc, prompt, concept.features, AttackConfig(attack_steps=1), max_norms=norms)  # warm-up
+            t0 = time.perf_counter()
+            inside_out_attack(tc, prompt, concept.features, cfg, max_norms=norms)
+            out["seconds"] = out["expected_seconds"] = time.perf_counter() - t0
+        else:
+            size = tc.resolution // pipe.vae_scale_factor
+            sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config, (pipe.unet.config.in_channels, size, size), 50)
+            fixed = _FixedDraw(sampler)
+            uncond = tc.uncond(1)
+            gen = torch.Generator().manual_seed(0)
+            t0 = time.perf_counter()
+            outside_in_attack(tc, sampler, prompt, concept, uncond, AttackConfig(attack_steps=outside_in_steps),
+                              start_guidance=3.0, generator=gen, max_norms=norms)
+            measured = time.perf_counter() - t0
+            per_attack_step = measured / outside_in_steps + (mean_rollout - 1) * fixed.per_step()
+            out.update(measured_steps=outside_in_steps, measured_seconds=measured, ddim_step_seconds=fixed.per_step(),
+                       seconds_per_step_expected=per_attack_step, expected_seconds=per_attack_step * attack_steps,
+                       seconds=measured / outside_in_steps * attack_steps)
+    else:
+        method = "sage" if name == "sage_iteration" else "esd"
+        flat = {"model.model_id": "tiny-sd", "erase.method": method, "erase.warmup_steps": 0,
+                "attack.attack_steps": attack_steps, "optim.num_steps": 4}
+        cfg = StudyConfig().replace_flat(flat)
+        from sage_dist.eval.prompts import load_retain_prompts
+
+        eraser = Eraser(cfg, pipe, load_retain_prompts("coco_object"))
+        fixed = _FixedDraw(eraser.sampler)
+        eraser.train_step(0)  # warm-up (caches, first-call allocations)
+        fixed.rollout_s, fixed.rollout_steps = 0.0, 0
+        t0 = time.perf_counter()
+        eraser.train_step(1)
+        measured = time.perf_counter() - t0
+        out.update(measured_seconds=measured, ddim_step_seconds=fixed.per_step(),
+                   expected_seconds=measured + (mean_rollout - 1) * fixed.per_step(), seconds=measured)
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put((name, out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd14-shape", help="'sd14-shape' (default), 'tiny-sd' or 'world'")
+    parser.add_argument("--attack-steps", type=int, default=30, help="J of both attacks (spec: 30)")
+    parser.add_argument("--outside-in-steps", type=int, default=1, help="outside-in steps actually run")
+    parser.add_argument("--phases", default="inside_out,outside_in,esd_iteration,sage_iteration")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    results: dict[str, dict[str, float]] = {}
+    for name in args.phases.split(","):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_phase, args=(name, args.model, args.attack_steps, args.outside_in_steps, queue))
+        proc.start()
+        key, value = queue.get()
+        proc.join()
+        results[key] = value
+        print(f"{key:16s} " + " ".join(f"{k}={v:.3f}" for k, v in value.items()), flush=True)
+    print(f"\nmodel: {args.model} (random weights, fp32, CPU, batch 1), J = {args.attack_steps}")
+    if "inside_out" in results and "outside_in" in results:
+        r_exp = results["outside_in"]["expected_seconds"] / results["inside_out"]["seconds"]
+        r_meas = results["outside_in"]["seconds"] / results["inside_out"]["seconds"]
+        print(f"outside-in / inside-out attack cost: {r_exp:.1f}x expected (mean rollout), {r_meas:.1f}x with the "
+              "one-step rollout actually run   [paper: 62.1x; target here: >100x]")
+    if "sage_iteration" in results and "esd_iteration" in results:
+        r = results["sage_iteration"]["expected_seconds"] / results["esd_iteration"]["expected_seconds"]
+        print(f"SAGE cyclic iteration / ESD iteration: {r:.2f}x expected")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "attack_steps": args.attack_steps, "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
