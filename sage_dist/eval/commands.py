@@ -387,7 +387,9 @@ def _clip_scores(cfg: EvalConfig, sr: SetResult) -> dict[str, float]:
     out = {}
     for which, paths in (("original", sr.original), ("erased", sr.erased)):
         if paths:
-            out[f"clip_score_{which}"] = float(scorer.score([_open(p) for p in paths], prompts).mean())
+            scores = [scorer.score([_open(p) for p in paths[i:i + 256]], prompts[i:i + 256])
+                      for i in range(0, len(paths), 256)]  # a chunk of images in memory at a time
+            out[f"clip_score_{which}"] = float(sum(x.sum() for x in scores) / len(paths))
     return out
 
 
@@ -400,17 +402,15 @@ def _fid(cfg: EvalConfig, sr: SetResult) -> dict[str, float]:
     if len(sr.records) < 2:
         out["fid_skipped"] = "FID needs >= 2 images"
         return out
-    out["fid_original_vs_erased"] = compute_fid_images([_open(p) for p in sr.original],
-                                                       [_open(p) for p in sr.erased], extractor)
+    out["fid_original_vs_erased"] = compute_fid_images(sr.original, sr.erased, extractor)
     if cfg.fid_reference:
         from sage_dist.eval.fid import inception_features
 
         ref_paths = sorted(p for p in Path(cfg.fid_reference).iterdir()
                            if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        ref = inception_features([_open(p) for p in ref_paths], extractor)
+        ref = inception_features(ref_paths, extractor)
         for which, paths in (("original", sr.original), ("erased", sr.erased)):
-            out[f"fid_{which}_vs_reference"] = fid_from_features(
-                inception_features([_open(p) for p in paths], extractor), ref)
+            out[f"fid_{which}_vs_reference"] = fid_from_features(inception_features(paths, extractor), ref)
     return out
 
 

@@ -100,9 +100,14 @@ def load_inception(source: InceptionSource = "auto", *, device: str = "cpu",
 
 
 def _clean_resize(image) -> np.ndarray:
-    """clean-fid "clean" mode: RGB uint8 -> float32 [299, 299, 3] in [0, 255] (PIL bicubic per channel)."""
+    """clean-fid "clean" mode: RGB uint8 (or an image file path) -> float32 [299, 299, 3] in [0, 255]."""
     from cleanfid.resize import build_resizer
 
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            image = im.convert("RGB")
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {arr.dtype} {arr.shape}")
@@ -110,7 +115,8 @@ def _clean_resize(image) -> np.ndarray:
 
 
 def inception_features(images: Sequence, extractor: InceptionExtractor, *, batch_size: int = 16) -> np.ndarray:
-    """``[N, 2048]`` float32 features of PIL images / RGB uint8 arrays, preprocessed exactly as clean-fid."""
+    """``[N, 2048]`` float32 features of PIL images / RGB uint8 arrays / image paths (opened one batch at a
+    time, so 10k-image sets need not fit in memory), preprocessed exactly as clean-fid."""
     import torch
 
     feats = []
