@@ -82,8 +82,11 @@ class EraseConfig:
     multi_concept: Literal["round_robin", "sum"] = "round_robin"
     """With several concepts: erase one per step in turn (ESD/AdvUnlearn style), or all of them every step."""
     rollout_cache: bool = False
-    """Reuse frozen-model DDIM trajectories across steps (issue 8 fast path). False recomputes the rollout
-    every step exactly as ESD and AdvUnlearn do."""
+    """Draw z_t from a bank of ``rollout_bank_size`` full frozen-model DDIM trajectories per prompt instead
+    of a fresh rollout every step (issue 8). An approximation: z_t then comes from a finite set of start
+    noises. False recomputes the rollout every step exactly as ESD and AdvUnlearn do."""
+    rollout_bank_size: int = 8
+    """Trajectories kept per prompt when ``rollout_cache`` (each costs S − 1 DDIM steps once)."""
 
     def __post_init__(self) -> None:
         _require(len(self.erase_concept) >= 1, "erase.erase_concept is empty: name at least one concept to erase.")
@@ -97,6 +100,7 @@ class EraseConfig:
         _require(2 <= self.ddim_steps <= 1000, f"erase.ddim_steps={self.ddim_steps}: allowed 2..1000.")
         _require(self.warmup_steps >= 0, f"erase.warmup_steps={self.warmup_steps}: must be >= 0.")
         _require(self.steps_per_cycle >= 1, f"erase.steps_per_cycle={self.steps_per_cycle}: must be >= 1.")
+        _require(self.rollout_bank_size >= 1, f"erase.rollout_bank_size={self.rollout_bank_size}: must be >= 1.")
 
 
 @dataclass(frozen=True, kw_only=True)

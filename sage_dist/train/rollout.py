@@ -96,3 +96,51 @@ class DiffusionSampler:
             eps = eps_u + guidance * (eps_c - eps_u)
             z = self.scheduler.step(eps, t, z, eta=0.0).prev_sample
         return z
+
+
+class TrajectoryBank:
+    """Full frozen-model DDIM trajectories, ``bank_size`` per prompt key, computed on first use (issue 8).
+
+    ``latents(key, slot)`` is ``[S, C, H, W]``: entry i is the latent at the noise level of DDIM index i
+    (what :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``), for the start noise drawn from
+    ``seed`` and the (key, slot) pair, so the bank's contents do not depend on the order of use.
+    Stored on the sampler's device in the UNet's dtype.
+    """
+
+    def __init__(self, sampler: DiffusionSampler, *, bank_size: int, guidance: float, seed: int):
+        self.sampler, self.bank_size, self.guidance, self.seed = sampler, bank_size, guidance, seed
+        self._store: dict[tuple[str, int], Tensor] = {}
+        self.num_built = 0
+
+    def _noise(self, key: str, slot: int) -> Tensor:
+        import zlib
+
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode()) * 131 + slot) % 2**63)
+        return self.sampler.initial_noise(1, g)
+
+    @torch.no_grad()
+    def _build(self, key: str, slot: int, cond: Conditioning, uncond: Conditioning) -> Tensor:
+        s = self.sampler
+        z = self._noise(key, slot)
+        levels = [None] * s.ddim_steps
+        levels[s.ddim_steps - 1] = z
+        both = Conditioning.cat([uncond, cond])
+        for k in range(s.ddim_steps - 1):
+            t = int(s.scheduler.timesteps[k])
+            eps_u, eps_c = s.eps(torch.cat([z, z]), t, both).chunk(2)
+            z = s.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, z, eta=0.0).prev_sample
+            levels[s.ddim_steps - 2 - k] = z
+        self.num_built += 1
+        return torch.cat(levels).to(s.unet.dtype)
+
+    def latents(self, keys: list[str], conds: Conditioning, uncond: Conditioning, ddim_index: int,
+                generator: torch.Generator) -> Tensor:
+        """z at ``ddim_index`` for each row: a slot drawn per row from ``generator``; ``[B, C, H, W]`` float32."""
+        rows = []
+        for j, key in enumerate(keys):
+            slot = int(torch.randint(0, self.bank_size, (1,), generator=generator))
+            if (key, slot) not in self._store:
+                sel = torch.tensor([j])
+                self._store[(key, slot)] = self._build(key, slot, conds.select(sel), uncond.select(torch.tensor([0])))
+            rows.append(self._store[(key, slot)][ddim_index : ddim_index + 1])
+        return torch.cat(rows).float()

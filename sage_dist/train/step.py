@@ -31,7 +31,7 @@ from sage_dist.config import StudyConfig
 from sage_dist.losses import erase_loss, graph_loss, noise_retain_loss, select_top_k
 from sage_dist.models.text import Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
-from sage_dist.train.rollout import DiffusionSampler
+from sage_dist.train.rollout import DiffusionSampler, TrajectoryBank
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ class Eraser:
                 cond = self.conditioner.condition(word, trained=False)
             self.concepts[c] = ConceptState(word=word, cond=cond)
         self.optimizer = torch.optim.Adam(self.conditioner.trainable_parameters, lr=cfg.optim.lr)
+        self.bank = None
+        if cfg.erase.rollout_cache:
+            self.bank = TrajectoryBank(self.sampler, bank_size=cfg.erase.rollout_bank_size,
+                                       guidance=cfg.erase.start_guidance, seed=cfg.optim.seed * 7919 + rank)
 
     # ---- frozen-model caches (exact: τ_o and the UNet never change) ----------------------------------------
     def uncond(self, rows: int) -> Conditioning:
@@ -210,8 +214,12 @@ class Eraser:
         parts = [concept_cond] + ([cond_o_r.select(selected)] if len(selected) else [])
         roll_cond = Conditioning.cat(parts)
         rows = n_erase + len(selected)
-        z = self.sampler.rollout(roll_cond, self.uncond(rows), draw.ddim_index, guidance=cfg.erase.start_guidance,
-                                 noise=self.sampler.initial_noise(rows, self.generator))
+        if self.bank is not None:
+            keys = [f"concept:{c}" for c in now] + [f"retain:{shard[int(j)]}" for j in selected]
+            z = self.bank.latents(keys, roll_cond, self.uncond(1), draw.ddim_index, self.generator)
+        else:
+            z = self.sampler.rollout(roll_cond, self.uncond(rows), draw.ddim_index, guidance=cfg.erase.start_guidance,
+                                     noise=self.sampler.initial_noise(rows, self.generator))
         z_erase, z_retain = z[:n_erase], z[n_erase:]
 
         # 5. frozen targets, then the student's predictions (gradient into τ_n)
