@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-Method = Literal["sage", "esd", "advunlearn"]
+Method = Literal["sage", "esd", "advunlearn", "esd-x"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -62,8 +62,10 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class EraseConfig:
     method: Method = "sage"
-    """"sage" (spec §1), "esd" (erase loss on the word only, text encoder; no attack, no retention) or
-    "advunlearn" (outside-in prefix-token attack through the UNet, noise retention on all retain prompts)."""
+    """"sage" (spec §1), "esd" (erase loss on the word only, text encoder; no attack, no retention),
+    "advunlearn" (outside-in prefix-token attack through the UNet, noise retention on all retain prompts), or
+    "esd-x" (ESD's cross-attention variant: the same erase loss, but the UNet's cross-attention (attn2)
+    weights are trained and the text encoder stays frozen; the frozen-UNet study's baseline, spec §5.4)."""
     erase_concept: tuple[str, ...] = ("triangle",)
     """Concept(s) to remove, e.g. ("nudity",) or ("Van Gogh", "Kilian Eng"). Several concepts are erased
     jointly, each with its own attack state (spec §5.3)."""

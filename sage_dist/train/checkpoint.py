@@ -21,11 +21,11 @@ def save_checkpoint(path: str | Path, eraser, *, step: int, history: list[dict])
     """Write the state after ``step`` completed steps into folder ``path``; returns it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    trainable = {k: v.detach().contiguous() for k, v in eraser.conditioner.trainable.state_dict().items()}
+    trainable = {k: v.detach().contiguous() for k, v in eraser.trainable_module.state_dict().items()}
     save_file(trainable, path / "trainable.safetensors")
 
     opt_tensors, opt_steps = {}, {}
-    params = eraser.conditioner.trainable_parameters
+    params = eraser.trainable_parameters
     for j, p in enumerate(params):
         st = eraser.optimizer.state.get(p)
         if st:
@@ -69,10 +69,10 @@ def load_checkpoint(path: str | Path, eraser) -> tuple[int, list[dict]]:
         raise ValueError(f"checkpoint {path} was written with a different configuration ({', '.join(diff)}); "
                          "resume with the same settings or start a new run")
     device = eraser.sampler.device
-    eraser.conditioner.trainable.load_state_dict({k: v.to(device) for k, v in
+    eraser.trainable_module.load_state_dict({k: v.to(device) for k, v in
                                                   load_file(path / "trainable.safetensors").items()})
     opt = load_file(path / "optimizer.safetensors")
-    for j, p in enumerate(eraser.conditioner.trainable_parameters):
+    for j, p in enumerate(eraser.trainable_parameters):
         if str(j) in meta["adam_steps"]:
             eraser.optimizer.state[p] = {"step": torch.tensor(meta["adam_steps"][str(j)]),
                                          "exp_avg": opt[f"{j}.exp_avg"].to(device),

@@ -60,6 +60,8 @@ class ErasureResult:
     """Per concept: template, first/last attack loss, H1, H2 of each attack."""
     eraser: Eraser | None = None
     """The training state (for evaluation right after training)."""
+    unet: torch.nn.Module | None = None
+    """The edited UNet (ESD-x only; text-encoder methods leave the UNet untouched)."""
 
 
 def package_versions() -> dict[str, str]:
@@ -75,11 +77,14 @@ def package_versions() -> dict[str, str]:
 
 def save_outputs(out_dir: str | Path, result: ErasureResult, cfg: StudyConfig) -> Path:
     """Save each trained encoder with ``save_pretrained`` (safetensors) as ``text_encoder/`` (and
-    ``text_encoder_2/``), plus ``record.json`` (config, seed, versions, per-step losses, wall time)."""
+    ``text_encoder_2/``; ESD-x: ``unet/``), plus ``record.json`` (config, seed, versions, per-step losses,
+    wall time)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for e, enc in result.text_encoders.items():
         enc.save_pretrained(out / ("text_encoder" if e == 0 else "text_encoder_2"), safe_serialization=True)
+    if result.unet is not None:
+        result.unet.save_pretrained(out / "unet", safe_serialization=True)
     record = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_flat_dict().items()},
               "seed": cfg.optim.seed, "versions": package_versions(), "wall_time_s": result.wall_time_s,
               "history": result.history, "attacks": result.attack_log}
@@ -121,13 +126,16 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
         pipe = load_pipeline(cfg.model.model_id, dtype=DTYPES[cfg.model.frozen_dtype], device=device)
     eraser = Eraser(cfg, pipe, retain_prompts, rank=rank, world_size=world_size)
     if wrap_trainable is not None:
+        if cfg.erase.method == "esd-x":
+            raise ValueError("erase.method=esd-x trains the UNet and runs in a single worker; use "
+                             "scaling.num_workers=1")
         eraser.conditioner.wrap_trainable(wrap_trainable)
     start, history = 0, []
     if resume_from is not None:
         start, history = load_checkpoint(resume_from, eraser)
         log.info("resumed from %s at step %d", resume_from, start)
     if rank == 0:
-        n_params = sum(p.numel() for p in eraser.conditioner.trainable_parameters)
+        n_params = sum(p.numel() for p in eraser.trainable_parameters)
         log.info("erasing %s from %s with %s: %d steps (warm-up %d, J=%d), %d worker(s), %d trainable parameters, "
                  "%d retain prompts", cfg.erase.erase_concept, cfg.model.model_id, cfg.erase.method,
                  cfg.optim.num_steps, cfg.erase.warmup_steps, cfg.attack.attack_steps, world_size, n_params,
@@ -152,7 +160,8 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
     wall = time.perf_counter() - t0
     encoders = {e: eraser.conditioner.trained_encoder(e) for e in eraser.conditioner.train_encoders}
     result = ErasureResult(encoders, history, wall, None,
-                           {c: s.attack_log for c, s in eraser.concepts.items()}, eraser)
+                           {c: s.attack_log for c, s in eraser.concepts.items()}, eraser,
+                           unet=eraser.trainable_module if cfg.erase.method == "esd-x" else None)
     if out_dir is not None and rank == 0:
         result.out_dir = save_outputs(out_dir, result, cfg)
     return result

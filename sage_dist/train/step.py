@@ -16,6 +16,7 @@ retention on every retain prompt (no graph); "sage" uses everything.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class Eraser:
         self.cfg = cfg
         self.method = cfg.erase.method
         self.rank, self.world_size = rank, world_size
-        self.conditioner = TextConditioner(pipe, train_encoders=cfg.model.train_encoders,
+        self.conditioner = TextConditioner(pipe, train_encoders=() if self.method == "esd-x" else cfg.model.train_encoders,
                                            trainable=cfg.model.trainable, trainable_layers=cfg.model.trainable_layers,
                                            pooling=cfg.retain.pooling)
         size = self.conditioner.resolution // pipe.vae_scale_factor
@@ -75,7 +76,7 @@ class Eraser:
         self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)
         self.shared_generator = torch.Generator().manual_seed(cfg.optim.seed)
         self.retain_sampler = None
-        if self.method != "esd":
+        if self.method not in ("esd", "esd-x"):
             self.retain_sampler = RetainSampler(retain_prompts, cfg.retain.retain_batch_size, self.shared_generator)
         self.templates = load_templates(cfg.attack.template_library)
         self.max_norms = max_token_norms(self.conditioner)
@@ -87,7 +88,21 @@ class Eraser:
             with torch.no_grad():
                 cond = self.conditioner.condition(word, trained=False)
             self.concepts[c] = ConceptState(word=word, cond=cond)
-        self.optimizer = torch.optim.Adam(self.conditioner.trainable_parameters, lr=cfg.optim.lr)
+        self.student = self.sampler
+        """Predicts the student's noise: the frozen UNet (text-encoder methods) or a trainable copy (ESD-x)."""
+        self.trainable_module: torch.nn.Module = self.conditioner.trainable
+        self.trainable_parameters = self.conditioner.trainable_parameters
+        if self.method == "esd-x":
+            unet = copy.deepcopy(pipe.unet).float()
+            unet.requires_grad_(False)
+            self.trainable_parameters = []
+            for name, p in unet.named_parameters():
+                if "attn2" in name:  # ESD's "xattn": every cross-attention parameter
+                    p.requires_grad_(True)
+                    self.trainable_parameters.append(p)
+            self.student = DiffusionSampler(unet, pipe.scheduler.config, self.sampler.latent_shape, cfg.erase.ddim_steps)
+            self.trainable_module = unet
+        self.optimizer = torch.optim.Adam(self.trainable_parameters, lr=cfg.optim.lr)
         self.bank = None
         if cfg.erase.rollout_cache:
             self.bank = TrajectoryBank(self.sampler, bank_size=cfg.erase.rollout_bank_size,
@@ -165,7 +180,7 @@ class Eraser:
         cfg = self.cfg
         names = list(self.concepts)
         now = names if cfg.erase.multi_concept == "sum" else [names[step % len(names)]]
-        attacking = self.method != "esd" and step >= cfg.erase.warmup_steps
+        attacking = self.method in ("sage", "advunlearn") and step >= cfg.erase.warmup_steps
         out: dict[str, float] = {}
 
         # 1. erase prompts (the word, or the latest attack prompt after a self-check)
@@ -229,7 +244,7 @@ class Eraser:
             eps_uncond, eps_concept = eps_frozen[:n_erase], eps_frozen[n_erase : 2 * n_erase]
             eps_retain_original = eps_frozen[2 * n_erase :]
         student_rows = torch.cat([torch.arange(n_erase), n_erase + selected]) if len(selected) else torch.arange(n_erase)
-        eps_student = self.sampler.eps(z, draw.timestep, cond_n.select(student_rows))
+        eps_student = self.student.eps(z, draw.timestep, cond_n.select(student_rows))
 
         # 6. total loss and one optimiser step
         l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)
@@ -242,7 +257,7 @@ class Eraser:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.conditioner.trainable_parameters, cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters, cfg.optim.grad_clip)
         self.optimizer.step()
         out.update(loss=total.item(), erase_loss=l_erase.item(), graph_loss=l_graph.item(),
                    retain_loss=l_image.item(), ddim_index=float(draw.ddim_index), timestep=float(draw.timestep))

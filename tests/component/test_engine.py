@@ -237,3 +237,17 @@ def test_long_retain_prompts_warn_once(tmp_path):
     path.write_text("\n".join(["a photo of a chair"] * 3 + ["word " * 100, "thing " * 90]))
     with pytest.warns(UserWarning, match="2 retain prompts exceed 77 CLIP tokens"):
         validate_inputs(tiny_config(**{"retain.retain_prompts": str(path), "retain.retain_batch_size": 4}))
+
+
+def test_esd_x_trains_only_unet_cross_attention(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny_config(**{"erase.method": "esd-x", "optim.num_steps": 3, "erase.warmup_steps": 0})
+    result = run_erasure(cfg, out_dir=tmp_path / "out", progress=False)
+    assert result.text_encoders == {}
+    original = build_tiny_sd(0).unet.state_dict()
+    edited = result.unet.state_dict()
+    changed = {k for k in original if not torch.equal(original[k], edited[k])}
+    assert changed and all("attn2" in k for k in changed)
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
+    assert all(torch.equal(v, edited[k]) for k, v in saved.state_dict().items())
