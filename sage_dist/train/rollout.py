@@ -98,25 +98,49 @@ class DiffusionSampler:
         return z
 
 
+@dataclass
+class BankSample:
+    """Rows drawn from a :class:`TrajectoryBank`: latents, per-row timesteps and the frozen predictions."""
+
+    latents: Tensor
+    """z ``[B, C, H, W]`` float32."""
+    timesteps: Tensor
+    """t ``[B]`` int64 (fixed per bank entry and DDIM index)."""
+    eps_uncond: Tensor
+    """ε_o(z, t, τ_o(∅)) ``[B, C, H, W]`` float32."""
+    eps_cond: Tensor
+    """ε_o(z, t, τ_o(prompt of the row)) ``[B, C, H, W]`` float32."""
+
+
 class TrajectoryBank:
     """Full frozen-model DDIM trajectories, ``bank_size`` per prompt key, computed on first use (issue 8).
 
-    ``latents(key, slot)`` is ``[S, C, H, W]``: entry i is the latent at the noise level of DDIM index i
-    (what :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``), for the start noise drawn from
-    ``seed`` and the (key, slot) pair, so the bank's contents do not depend on the order of use.
-    Stored on the sampler's device in the UNet's dtype.
+    Entry i of a trajectory is the latent at the noise level of DDIM index i (what
+    :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``), for a start noise drawn from ``seed`` and
+    the (key, slot) pair, so the bank's contents do not depend on the order of use. The DDPM timestep of
+    (key, slot, i) is drawn once from the same bin as :meth:`DiffusionSampler.draw`, and the frozen model's
+    predictions there are cached too: after the bank warms up, a training step only runs the student.
+
+    This is an approximation of the reference sampling (finite start noises, one t per bin and entry), a
+    config choice (``erase.rollout_cache``) whose effect is measured in the closing notes.
     """
 
     def __init__(self, sampler: DiffusionSampler, *, bank_size: int, guidance: float, seed: int):
         self.sampler, self.bank_size, self.guidance, self.seed = sampler, bank_size, guidance, seed
         self._store: dict[tuple[str, int], Tensor] = {}
+        self._targets: dict[tuple[str, int, int], tuple[int, Tensor, Tensor]] = {}
         self.num_built = 0
 
-    def _noise(self, key: str, slot: int) -> Tensor:
+    def _generator(self, key: str, *extra: int) -> torch.Generator:
         import zlib
 
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode()) * 131 + slot) % 2**63)
-        return self.sampler.initial_noise(1, g)
+        value = self.seed * 1_000_003 + zlib.crc32(key.encode())
+        for x in extra:
+            value = value * 131 + x
+        return torch.Generator().manual_seed(value % 2**63)
+
+    def _noise(self, key: str, slot: int) -> Tensor:
+        return self.sampler.initial_noise(1, self._generator(key, slot))
 
     @torch.no_grad()
     def _build(self, key: str, slot: int, cond: Conditioning, uncond: Conditioning) -> Tensor:
@@ -136,11 +160,36 @@ class TrajectoryBank:
     def latents(self, keys: list[str], conds: Conditioning, uncond: Conditioning, ddim_index: int,
                 generator: torch.Generator) -> Tensor:
         """z at ``ddim_index`` for each row: a slot drawn per row from ``generator``; ``[B, C, H, W]`` float32."""
-        rows = []
+        return self.sample(keys, conds, uncond, ddim_index, generator, with_targets=False).latents
+
+    @torch.no_grad()
+    def sample(self, keys: list[str], conds: Conditioning, uncond: Conditioning, ddim_index: int,
+               generator: torch.Generator, *, with_targets: bool = True) -> BankSample:
+        """One bank entry per row (slot drawn from ``generator``) at ``ddim_index``, with t and the frozen
+        predictions (``with_targets``). ``conds``: the rows' τ_o conditioning; ``uncond``: 1 row."""
+        s = self.sampler
+        lat, ts, eu, ec = [], [], [], []
         for j, key in enumerate(keys):
             slot = int(torch.randint(0, self.bank_size, (1,), generator=generator))
+            cond = conds.select(torch.tensor([j]))
             if (key, slot) not in self._store:
-                sel = torch.tensor([j])
-                self._store[(key, slot)] = self._build(key, slot, conds.select(sel), uncond.select(torch.tensor([0])))
-            rows.append(self._store[(key, slot)][ddim_index : ddim_index + 1])
-        return torch.cat(rows).float()
+                self._store[(key, slot)] = self._build(key, slot, cond, uncond)
+            z = self._store[(key, slot)][ddim_index : ddim_index + 1].float()
+            lat.append(z)
+            if not with_targets:
+                continue
+            entry = (key, slot, ddim_index)
+            if entry not in self._targets:
+                lo = s.num_train_timesteps * ddim_index // s.ddim_steps
+                hi = max(s.num_train_timesteps * (ddim_index + 1) // s.ddim_steps, lo + 1)
+                t = int(torch.randint(lo, hi, (1,), generator=self._generator(key, slot, ddim_index)))
+                e_u, e_c = s.eps(torch.cat([z, z]), t, Conditioning.cat([uncond, cond])).chunk(2)
+                self._targets[entry] = (t, e_u.to(s.unet.dtype), e_c.to(s.unet.dtype))
+            t, e_u, e_c = self._targets[entry]
+            ts.append(t)
+            eu.append(e_u.float())
+            ec.append(e_c.float())
+        latents = torch.cat(lat)
+        if not with_targets:
+            return BankSample(latents, torch.empty(0, dtype=torch.long), latents[:0], latents[:0])
+        return BankSample(latents, torch.tensor(ts, device=latents.device), torch.cat(eu), torch.cat(ec))

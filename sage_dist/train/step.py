@@ -224,6 +224,7 @@ class Eraser:
             out["retain_drift_mean"] = float(drift.mean())
 
         # 4. one partial DDIM rollout for [concepts; selected retain prompts], shared i and t
+        #    (with erase.rollout_cache: bank entries with their cached t and frozen predictions)
         draw = self.sampler.draw(self.generator)
         concept_cond = Conditioning.cat([self.concepts[c].cond for c in now])
         parts = [concept_cond] + ([cond_o_r.select(selected)] if len(selected) else [])
@@ -231,20 +232,24 @@ class Eraser:
         rows = n_erase + len(selected)
         if self.bank is not None:
             keys = [f"concept:{c}" for c in now] + [f"retain:{shard[int(j)]}" for j in selected]
-            z = self.bank.latents(keys, roll_cond, self.uncond(1), draw.ddim_index, self.generator)
+            sample = self.bank.sample(keys, roll_cond, self.uncond(1), draw.ddim_index, self.generator)
+            z, timestep = sample.latents, sample.timesteps
+            eps_uncond, eps_concept = sample.eps_uncond[:n_erase], sample.eps_cond[:n_erase]
+            eps_retain_original = sample.eps_cond[n_erase:]
         else:
             z = self.sampler.rollout(roll_cond, self.uncond(rows), draw.ddim_index, guidance=cfg.erase.start_guidance,
                                      noise=self.sampler.initial_noise(rows, self.generator))
-        z_erase, z_retain = z[:n_erase], z[n_erase:]
+            timestep = draw.timestep
+            # 5a. frozen targets
+            with torch.no_grad():
+                target_cond = Conditioning.cat([self.uncond(n_erase), roll_cond])
+                eps_frozen = self.sampler.eps(torch.cat([z[:n_erase], z]), timestep, target_cond)
+                eps_uncond, eps_concept = eps_frozen[:n_erase], eps_frozen[n_erase : 2 * n_erase]
+                eps_retain_original = eps_frozen[2 * n_erase :]
 
-        # 5. frozen targets, then the student's predictions (gradient into τ_n)
-        with torch.no_grad():
-            target_cond = Conditioning.cat([self.uncond(n_erase), roll_cond])
-            eps_frozen = self.sampler.eps(torch.cat([z_erase, z]), draw.timestep, target_cond)
-            eps_uncond, eps_concept = eps_frozen[:n_erase], eps_frozen[n_erase : 2 * n_erase]
-            eps_retain_original = eps_frozen[2 * n_erase :]
+        # 5b. the student's predictions (gradient into τ_n, or into the UNet copy for ESD-x)
         student_rows = torch.cat([torch.arange(n_erase), n_erase + selected]) if len(selected) else torch.arange(n_erase)
-        eps_student = self.student.eps(z, draw.timestep, cond_n.select(student_rows))
+        eps_student = self.student.eps(z, timestep, cond_n.select(student_rows))
 
         # 6. total loss and one optimiser step
         l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)

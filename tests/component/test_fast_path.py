@@ -77,3 +77,24 @@ def test_rollout_cache_is_a_config_choice_that_still_trains():
     again = run_erasure(cfg, progress=False)
     a, b = result.text_encoders[0].state_dict(), again.text_encoders[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bank_targets_equal_the_frozen_model_at_the_cached_z_and_t():
+    pipe = build_tiny_sd(0)
+    tc = TextConditioner(pipe)
+    sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config, (4, 8, 8), ddim_steps=10)
+    with torch.no_grad():
+        cond = tc.condition(tc.embed(["a triangle", "a photo of chair"]), trained=False)
+    uncond = tc.uncond(1)
+    bank = TrajectoryBank(sampler, bank_size=3, guidance=3.0, seed=0)
+    sample = bank.sample(["c", "r"], cond, uncond, 6, torch.Generator().manual_seed(1))
+    assert sample.timesteps.tolist()[0] in range(600, 700) and sample.timesteps.tolist()[1] in range(600, 700)
+    for j in range(2):
+        row = torch.tensor([j])
+        with torch.no_grad():
+            e_u = sampler.eps(sample.latents[j : j + 1], int(sample.timesteps[j]), uncond)
+            e_c = sampler.eps(sample.latents[j : j + 1], int(sample.timesteps[j]), cond.select(row))
+        assert torch.allclose(sample.eps_uncond[j : j + 1], e_u, atol=1e-5)
+        assert torch.allclose(sample.eps_cond[j : j + 1], e_c, atol=1e-5)
+    again = bank.sample(["c", "r"], cond, uncond, 6, torch.Generator().manual_seed(1))
+    assert torch.equal(again.latents, sample.latents) and bank.num_built == 2
