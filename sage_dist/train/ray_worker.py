@@ -58,6 +58,8 @@ class WorkerRun:
     """Log the erased encoder folder as an MLflow artifact."""
     grid_steps: int = 10
     """DDIM steps of the image grid."""
+    world_quick: bool = True
+    """Quick image-space evaluation on the bundled world (half the prompts)."""
 
     def __post_init__(self) -> None:
         if bool(self.tracking_uri) != bool(self.run_id):
@@ -199,7 +201,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         from sage_dist.train.loop import save_outputs
 
         t_eval = time.time()
-        final = evaluate_trial(cfg, result, pipe=pipe, retain_prompts=retain_prompts)
+        final = evaluate_trial(cfg, result, pipe=pipe, retain_prompts=retain_prompts, world_quick=run.world_quick)
         timing.update(time_train_s=result.wall_time_s, time_eval_s=time.time() - t_eval)
         t_log = time.time()
         tracker.log_metrics(final, cfg.optim.num_steps)
@@ -220,5 +222,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     if ctx is not None:
         import ray.train
 
-        ray.train.report({"step": cfg.optim.num_steps, "done": 1, **final})
+        # not "done": Tune reads a "done" key as "stop this trial now" and would kill the trial mid-teardown
+        ray.train.report({"step": cfg.optim.num_steps, "trial_finished": 1, **final})
     return final

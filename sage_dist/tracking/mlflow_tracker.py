@@ -1,0 +1,315 @@
+"""MLflow tracking for erasure runs and studies (the only module that imports ``mlflow``, STYLE.md).
+
+One parent run per study, one nested child run per trial (tag ``mlflow.parentRunId``). Everything goes
+through :class:`mlflow.MlflowClient` with explicit run ids (no global active run), so a Ray Train worker,
+a Tune trial process and the study driver can all write to the same run safely.
+
+Where runs go (:func:`resolve_tracking`):
+
+* ``""`` (default): a local SQLite store ``sqlite:///$HOME/.sage_dist/mlflow/mlflow.db`` with artifacts under
+  ``$HOME/.sage_dist/mlflow/artifacts`` (absolute paths: Tune trials change directory). The same store is the
+  backend of the MLflow server that ``cluster-local.yaml`` starts, so one UI shows every study.
+* ``http://host:port``: an MLflow tracking server (artifacts are proxied by the server).
+* ``sqlite:////abs/path.db``: another SQLite file; artifacts go to ``<db folder>/artifacts``.
+
+Open the UI on what was logged (printed by every study, see :func:`ui_instructions`)::
+
+    mlflow ui --backend-store-uri sqlite:///$HOME/.sage_dist/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+Errors: :func:`check_tracking_reachable` raises ``ConnectionError`` at start when a server does not answer,
+``ValueError`` for a malformed URI or an unwritable SQLite folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000
+"""MLflow's limit on one parameter value (longer values are truncated with a warning)."""
+BATCH = 100
+"""Metrics/params per ``log_batch`` call (MLflow allows 1000 metrics, 100 params)."""
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+def default_home() -> Path:
+    """``$HOME/.sage_dist/mlflow`` (override with the ``SAGE_DIST_MLFLOW_HOME`` environment variable)."""
+    return Path(os.environ.get("SAGE_DIST_MLFLOW_HOME", Path.home() / ".sage_dist" / "mlflow")).expanduser().resolve()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingTarget:
+    """A resolved MLflow destination."""
+
+    tracking_uri: str
+    """Absolute tracking URI (``sqlite:////abs/mlflow.db`` or ``http://host:port``)."""
+    artifact_location: str | None
+    """Artifact root for new experiments (``file:///abs/artifacts/<experiment>``); None for servers, which
+    choose (and proxy) their own artifact store."""
+
+    @property
+    def is_local(self) -> bool:
+        return self.tracking_uri.startswith("sqlite:")
+
+
+def resolve_tracking(uri: str = "") -> TrackingTarget:
+    """Turn ``tracking.tracking_uri`` into an absolute :class:`TrackingTarget` (see module docstring).
+
+    Raises:
+        ValueError: an unsupported scheme, a relative SQLite path, or the file store ``./mlruns`` (MLflow 3.17
+            refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``).
+    """
+    if uri == "":
+        home = default_home()
+        return TrackingTarget(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_location=(home / "artifacts").as_uri())
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise ValueError(f"--tracking-uri {uri!r}: no host; write http://HOST:PORT, e.g. http://127.0.0.1:5000")
+        return TrackingTarget(tracking_uri=uri.rstrip("/"), artifact_location=None)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):]
+        if not uri.startswith("sqlite:///") or not path.startswith("/"):
+            raise ValueError(f"--tracking-uri {uri!r}: use an absolute SQLite path, sqlite:////abs/path/mlflow.db "
+                             "(four slashes); Tune trials change directory, so relative paths break")
+        db = Path(path)
+        return TrackingTarget(tracking_uri=uri, artifact_location=(db.parent / "artifacts").as_uri())
+    raise ValueError(f"--tracking-uri {uri!r}: use '' (local SQLite), sqlite:////abs/path.db or http://HOST:PORT "
+                     "(an `mlflow server`); file stores (./mlruns) are refused by MLflow 3.17")
+
+
+def check_tracking_reachable(target: TrackingTarget, *, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any trial starts, when runs could not be logged.
+
+    Raises:
+        ConnectionError: the server does not answer within ``timeout_s`` (names the URI and how to start one).
+        ValueError: the SQLite folder cannot be created or written.
+    """
+    if target.is_local:
+        folder = Path(target.tracking_uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write_probe_{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"tracking store {target.tracking_uri}: cannot write to {folder} ({err}); "
+                             "choose another --tracking-uri") from err
+        return
+    import requests
+
+    url = f"{target.tracking_uri}/api/2.0/mlflow/experiments/search"
+    try:
+        response = requests.post(url, json={"max_results": 1}, timeout=timeout_s)
+    except requests.RequestException as err:
+        raise ConnectionError(
+            f"MLflow server {target.tracking_uri} is not reachable ({type(err).__name__}); start one with "
+            f"`mlflow server --host 127.0.0.1 --port 5000` or drop --tracking-uri to log to a local SQLite file"
+        ) from err
+    if response.status_code != 200:
+        raise ConnectionError(f"MLflow server {target.tracking_uri} answered HTTP {response.status_code} to {url}; "
+                              "is it an MLflow tracking server?")
+
+
+def ui_instructions(target: TrackingTarget, experiment_name: str) -> str:
+    """The command(s) that open the MLflow UI on ``target`` (printed by the studies)."""
+    if target.is_local:
+        return (f"MLflow UI: mlflow ui --backend-store-uri {target.tracking_uri} --host 127.0.0.1 --port 5000\n"
+                f"           then open http://127.0.0.1:5000 (experiment {experiment_name!r})")
+    return f"MLflow UI: open {target.tracking_uri} (experiment {experiment_name!r})"
+
+
+def git_sha(repo: str | Path | None = None) -> str:
+    """The current commit (with ``-dirty`` when the tree has changes), or ``"unknown"`` outside git."""
+    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(target: TrackingTarget, name: str) -> str:
+    """The id of experiment ``name``, created (with an explicit artifact location) when missing."""
+    client = _client(target.tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None if target.artifact_location is None else f"{target.artifact_location}/{name}"
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another study created it at the same moment
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    text = ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+    if len(text) > MAX_PARAM_LENGTH:
+        log.warning("parameter value of %d characters truncated to %d", len(text), MAX_PARAM_LENGTH)
+        text = text[:MAX_PARAM_LENGTH]
+    return text
+
+
+class NullTracker:
+    """Do-nothing stand-in with :class:`MlflowTracker`'s interface (STYLE.md: no ``if tracking:`` branches)."""
+
+    run_id = ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_image(self, image, artifact_file: str) -> None:
+        pass
+
+    def end(self, status: RunStatus = "FINISHED", reason: str = "") -> None:
+        pass
+
+
+class MlflowTracker:
+    """Write to one existing MLflow run by id (parent or child); rank 0 only.
+
+    Create runs with :meth:`start` (new) or :meth:`find_or_start` (resume-safe: reuses the run carrying the
+    same ``sage_dist.key`` tag, so a retried or resumed trial keeps one child run).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client = _client(tracking_uri)
+
+    # ---- creating runs ------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, target: TrackingTarget, experiment_id: str, *, run_name: str, tags: dict[str, Any],
+              parent_run_id: str | None = None) -> "MlflowTracker":
+        """A new run (nested under ``parent_run_id`` when given)."""
+        all_tags = {k: str(v) for k, v in tags.items()}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = _client(target.tracking_uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+        return cls(target.tracking_uri, run.info.run_id)
+
+    @classmethod
+    def find_or_start(cls, target: TrackingTarget, experiment_id: str, *, key: str, run_name: str,
+                      tags: dict[str, Any], parent_run_id: str | None = None) -> "MlflowTracker":
+        """The run tagged ``sage_dist.key = key`` (set back to RUNNING), or a new one."""
+        client = _client(target.tracking_uri)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`sage_dist.key` = '{key}'", max_results=1)
+        if found:
+            tracker = cls(target.tracking_uri, found[0].info.run_id)
+            client.update_run(tracker.run_id, status="RUNNING")
+            tracker.set_tags({**tags, "sage_dist.attempts": int(found[0].data.tags.get("sage_dist.attempts", "1")) + 1})
+            return tracker
+        return cls.start(target, experiment_id, run_name=run_name, tags={**tags, "sage_dist.key": key},
+                         parent_run_id=parent_run_id)
+
+    # ---- logging ------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Numeric entries of ``metrics`` at ``step`` (non-numbers are skipped; NaN is logged as NaN)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), BATCH):
+            self._client.log_batch(self.run_id, metrics=items[i:i + BATCH], synchronous=True)
+
+    def log_params(self, params: dict) -> None:
+        """Parameters (tuples joined with commas; values longer than MLflow's limit truncated)."""
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), BATCH):
+            self._client.log_batch(self.run_id, params=items[i:i + BATCH], synchronous=True)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in tags.items()]
+        if items:
+            self._client.log_batch(self.run_id, tags=items, synchronous=True)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image or ``[H, W, 3]`` uint8 array as ``artifact_file`` (e.g. ``"grid.png"``)."""
+        self._client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def end(self, status: RunStatus = "FINISHED", reason: str = "") -> None:
+        """Close the run; a failure ``reason`` goes to the ``failure_reason`` tag (shown in the UI)."""
+        if reason:
+            self.set_tags({"failure_reason": reason})
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of ``metrics`` as floats."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def search_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") -> list:
+    """MLflow runs of ``experiment_name`` matching ``filter_string`` (tests, reports)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000))
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one metric of one run."""
+    return [(m.step, m.value) for m in _client(tracking_uri).get_metric_history(run_id, key)]
+
+
+def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> list[str]:
+    return [f.path for f in _client(tracking_uri).list_artifacts(run_id, path)]
+
+
+def child_runs(tracking_uri: str, parent_run_id: str, status: str = "") -> list:
+    """The nested runs of ``parent_run_id`` (optionally only those with ``status``, e.g. "RUNNING")."""
+    client = _client(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + (f" and attributes.status = '{status}'" if status else "")
+    return list(client.search_runs([experiment_id], filter_string=flt, max_results=1000))

@@ -1,0 +1,213 @@
+"""What a trial is scored on: the pluggable objective ``evaluate_trial(cfg, result) -> {name: value}``.
+
+Two evaluators:
+
+* **Text-space proxy** (every model; the only one for "tiny-sd"/"tiny-sdxl", whose random weights make no
+  images worth detecting). Computed from the trained encoder g_n and the frozen original g_o on the pooled
+  features g(·) (EOT state after the final LayerNorm, L2-normalised; spec §1.3):
+
+  - ``text_erasure`` = mean over concept-domain prompts x of 1 − cos(g_n(x), g_o(x)): how far the erased
+    encoder moved the concept's prompts (0: untouched; up to 2). Domain prompts are the concept (and, on the
+    bundled world, its synonyms and held-out paraphrases) inside evaluation templates the attack never uses.
+  - ``text_retention_drift`` = the same on the retain prompts: how far unrelated prompts moved (0 is best).
+  - ``text_score`` = ``text_erasure − text_retention_drift`` (same units; the single-objective target).
+
+  These are proxies of erasure and retention in text space. They are not RER, accuracy or FID and are never
+  reported under those names.
+* **Bundled world** ("world"/"world-xl", once ``sage_dist.world.evaluate`` exists): the world's own
+  image-space evaluation (``RER_domain``, ``RER_word``, ``RER_heldout``, ``retention_acc``, ``FID`` ...), plus
+  the text proxy.
+
+:class:`Objectives` names which metrics a study optimises: multi-objective (erasure up, retention cost down;
+the result is the Pareto front) or single (``text_score``, reported at every checkpoint so ASHA can stop
+weak trials early).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sage_dist.config import StudyConfig
+
+log = logging.getLogger(__name__)
+
+EVAL_TEMPLATES: tuple[str, ...] = ("{}", "a picture of a {}", "an image showing a {}", "a {} in the middle",
+                                   "a drawing with a {}")
+"""Templates for the concept-domain prompts of the text proxy (not in the attack's template library)."""
+NUM_RETAIN_EVAL = 32
+"""Retain prompts the text proxy measures drift on (the first ones of the run's retain set)."""
+
+Mode = Literal["min", "max"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Objectives:
+    """The metrics a study optimises and in which direction."""
+
+    erasure_metric: str
+    """Higher is better: ``text_erasure`` (proxy) or ``RER_domain`` (world)."""
+    retention_metric: str
+    """The retention cost or quality: ``text_retention_drift`` (proxy, min), ``FID`` (world, min) or
+    ``retention_acc`` (world, max)."""
+    retention_mode: Mode = "min"
+    """"min" for a cost (drift, FID), "max" for an accuracy."""
+    single_metric: str = "text_score"
+    """Single-objective mode's target (max); must be reported at every checkpoint for ASHA."""
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.erasure_metric, self.retention_metric]
+
+    @property
+    def modes(self) -> list[Mode]:
+        return ["max", self.retention_mode]
+
+
+def world_evaluation_available() -> bool:
+    """True once the bundled world's evaluation module (``sage_dist.world.evaluate``) exists."""
+    return importlib.util.find_spec("sage_dist.world.evaluate") is not None
+
+
+def default_objectives(model_id: str) -> Objectives:
+    """Image-space metrics on the bundled world when its evaluation exists, else the text proxy."""
+    if model_id in ("world", "world-xl") and world_evaluation_available():
+        return Objectives(erasure_metric="RER_domain", retention_metric="FID", retention_mode="min")
+    return Objectives(erasure_metric="text_erasure", retention_metric="text_retention_drift", retention_mode="min")
+
+
+def concept_domain_prompts(cfg: StudyConfig) -> list[str]:
+    """Prompts naming the erased concept(s): every phrase of the domain in each of :data:`EVAL_TEMPLATES`."""
+    phrases: list[str] = []
+    for concept in cfg.erase.erase_concept:
+        if cfg.model.model_id in ("world", "world-xl"):
+            from sage_dist.world.concepts import phrases as world_phrases
+
+            phrases += list(world_phrases(concept))
+        else:
+            phrases.append(concept)
+    return [t.format(p) for p in phrases for t in EVAL_TEMPLATES]
+
+
+def _pooled(encoder: torch.nn.Module, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """g(·): the final-LN EOT state, L2-normalised, ``[B, D]`` float32."""
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    device = next(encoder.parameters()).device
+    with torch.no_grad():
+        out = encoder(ids.to(device), output_hidden_states=False)
+        final = out.last_hidden_state
+        eot = (ids == tokenizer.eos_token_id).int().argmax(dim=1).to(device)
+        feat = final[torch.arange(final.shape[0], device=device), eot]
+    return torch.nn.functional.normalize(feat.float(), dim=-1)
+
+
+def text_proxy_metrics(cfg: StudyConfig, original: dict[int, torch.nn.Module], trained: dict[int, torch.nn.Module],
+                       tokenizer, retain_prompts: list[str]) -> dict[str, float]:
+    """``text_erasure``, ``text_retention_drift``, ``text_score`` (see module docstring), averaged over the
+    trained encoders (index -> CLIP text model; ``original`` holds the frozen ones)."""
+    domain = concept_domain_prompts(cfg)
+    retain = retain_prompts[:NUM_RETAIN_EVAL]
+    erasure, drift = [], []
+    for e, enc_n in trained.items():
+        enc_o = original[e]
+        erasure.append(float((1 - (_pooled(enc_n, tokenizer, domain) * _pooled(enc_o, tokenizer, domain)).sum(-1)).mean()))
+        if retain:
+            drift.append(float((1 - (_pooled(enc_n, tokenizer, retain) * _pooled(enc_o, tokenizer, retain)).sum(-1)).mean()))
+    out = {"text_erasure": sum(erasure) / len(erasure),
+           "text_retention_drift": sum(drift) / len(drift) if drift else 0.0}
+    out["text_score"] = out["text_erasure"] - out["text_retention_drift"]
+    return out
+
+
+def _originals(pipe) -> dict[int, torch.nn.Module]:
+    out = {0: pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out[1] = pipe.text_encoder_2
+    return out
+
+
+def evaluate_trial(cfg: StudyConfig, result, *, pipe, retain_prompts: list[str],
+                   world_quick: bool = True) -> dict[str, float]:
+    """Final metrics of one trial: the text proxy, plus the world's image-space evaluation on the bundled world.
+
+    Args:
+        cfg: the trial's configuration.
+        result: :class:`sage_dist.train.loop.ErasureResult` (its ``text_encoders`` are evaluated).
+        pipe: the frozen pipeline the run erased from (its encoders are g_o).
+        retain_prompts: the run's retain set.
+        world_quick: the bundled world's quick evaluation (see :func:`world_metrics`).
+    Raises:
+        FloatingPointError: a metric is NaN or infinite (the trial is then recorded as failed).
+    """
+    metrics = text_proxy_metrics(cfg, _originals(pipe), result.text_encoders, pipe.tokenizer, retain_prompts)
+    if cfg.model.model_id in ("world", "world-xl") and world_evaluation_available():
+        metrics.update(world_metrics(cfg, result, pipe, quick=world_quick))
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"trial metrics are not finite: {bad}")
+    return metrics
+
+
+def world_metrics(cfg: StudyConfig, result, pipe, *, quick: bool = True) -> dict[str, float]:
+    """The bundled world's image-space evaluation of the erased encoder (``sage_dist.world.evaluate``), at the
+    world's own sampling settings (``world_config.json``); averaged over the erased concepts.
+
+    ``quick`` halves the prompt sets (2 contexts per phrase, 18 retain prompts; ~5-12 s on 2 cores), which
+    is what a search can afford per trial; re-evaluate the chosen trials with ``quick=False``.
+    """
+    from sage_dist.world import world_path
+    from sage_dist.world.evaluate import evaluate_world
+    from sage_dist.world.generate import sampling_defaults
+
+    guidance, steps = sampling_defaults(world_path("sdxl" if cfg.model.model_id == "world-xl" else "sd"))
+    per_concept = [evaluate_world(pipe, dict(result.text_encoders), concept=c, seed=cfg.optim.seed, quick=quick,
+                                  guidance=guidance, num_inference_steps=steps)
+                   for c in cfg.erase.erase_concept]
+    keys = [k for k, v in per_concept[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: float(sum(m[k] for m in per_concept) / len(per_concept)) for k in keys if k != "seconds"}
+
+
+def image_grid(cfg: StudyConfig, pipe, trained: dict[int, torch.nn.Module], *, num_inference_steps: int = 10,
+               guidance_scale: float = 3.0, num_prompts: int = 4):
+    """Original vs erased images at the same seeds: a PIL grid, top row the original encoder, bottom row the
+    erased one; columns are concept-domain prompts (first ``num_prompts - 1``) and one retain prompt.
+
+    Upscaled with nearest neighbour to at least 128 px per tile so tiny models' images are visible.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from sage_dist.models.load import swap_text_encoders
+
+    domain = concept_domain_prompts(cfg)
+    prompts = domain[: max(1, num_prompts - 1)] + [_first_retain(cfg)]
+    rows = []
+    for encoders in (None, trained):
+        previous = None
+        if encoders is not None:
+            previous = swap_text_encoders(pipe, {("text_encoder" if e == 0 else "text_encoder_2"): m
+                                                 for e, m in encoders.items()})
+        try:
+            generators = [torch.Generator().manual_seed(cfg.optim.seed + j) for j in range(len(prompts))]
+            images = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          generator=generators, output_type="np").images
+        finally:
+            if previous is not None:
+                swap_text_encoders(pipe, previous)
+        rows.append(np.concatenate(list(images), axis=1))
+    grid = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
+    scale = max(1, 128 // images[0].shape[0])
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+
+def _first_retain(cfg: StudyConfig) -> str:
+    from sage_dist.retention.prompts import resolve_retain_prompts
+
+    prompts = resolve_retain_prompts(cfg.retain.retain_prompts, model_id=cfg.model.model_id,
+                                     erase_concepts=cfg.erase.erase_concept)
+    return prompts[0]
