@@ -1,0 +1,167 @@
+"""``sage-dist world ...``: train, quality, evaluate, detector, ship (issue 3).
+
+``register(subparsers)`` adds the ``world`` command to the lead's argparse CLI; ``python -m
+sage_dist.world.commands ...`` runs the same commands stand-alone.
+
+Examples::
+
+    sage-dist world train --seed 0 --out runs/world --minutes 60          # the shipped recipe (CPU, 2 cores)
+    sage-dist world train --seed 0 --out runs/world --resume              # continue from runs/world/ckpt
+    sage-dist world quality --guidance 2.0                                # the shipped SD model
+    sage-dist world evaluate --text-encoder runs/erase/text_encoder --concept triangle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the world's VAE, SD model and SDXL twin from scratch (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints in OUT/ckpt, pipelines OUT/sd, OUT/sdxl)")
+    p.add_argument("--minutes", type=float, default=60.0, help="SD phase wall-clock budget")
+    p.add_argument("--steps", type=int, default=0, help="also stop the SD phase after this many steps (0: no limit)")
+    p.add_argument("--twin-minutes", type=float, default=15.0, help="SDXL twin budget (0 with --twin-steps 0 skips it)")
+    p.add_argument("--twin-steps", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--num-images", type=int, default=40000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--init-from", default="", help="fine-tune from a pipeline folder (skips the VAE phase)")
+    p.add_argument("--freeze-text-encoder", action="store_true", help="train only the SD UNet")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR weighting (0: plain eps MSE)")
+    p.add_argument("--low-noise-fraction", type=float, default=0.0)
+    p.add_argument("--low-noise-max-t", type=int, default=400)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.set_defaults(world_fn=_run_train)
+
+
+def _run_train(args) -> int:
+    from sage_dist.world.train import WorldTrainConfig, train_world
+
+    cfg = WorldTrainConfig(
+        seed=args.seed, minutes=args.minutes, steps=args.steps, twin_minutes=args.twin_minutes,
+        twin_steps=args.twin_steps, vae_steps=args.vae_steps, num_images=args.num_images,
+        batch_size=args.batch_size, lr=args.lr, checkpoint_minutes=args.checkpoint_minutes, device=args.device,
+        init_from=args.init_from, train_text_encoder=not args.freeze_text_encoder, min_snr_gamma=args.min_snr_gamma,
+        low_noise_fraction=args.low_noise_fraction, low_noise_max_t=args.low_noise_max_t,
+        warmup_steps=args.warmup_steps,
+    )
+    summary = train_world(cfg, args.out, resume=args.resume)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _add_detector(sub) -> None:
+    p = sub.add_parser("detector", help="train the world's shape/colour/texture detector")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=1500)
+    p.set_defaults(world_fn=_run_detector)
+
+
+def _run_detector(args) -> int:
+    from sage_dist.world.detector import train_detector
+
+    print(json.dumps(train_detector(args.out, seed=args.seed, steps=args.steps), indent=1))
+    return 0
+
+
+def _add_quality(sub) -> None:
+    p = sub.add_parser("quality", help="measure the world model against the detector (issue 3 item 4)")
+    p.add_argument("--model", default="sd", help='"sd", "sdxl" (shipped weights) or a pipeline folder')
+    p.add_argument("--guidance", type=float, nargs="+", default=None, help="one or more guidance scales")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: world_config.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.set_defaults(world_fn=_run_quality)
+
+
+def _run_quality(args) -> int:
+    from sage_dist.world.quality import measure_quality
+
+    rows = measure_quality(args.model, guidances=args.guidance, num_inference_steps=args.steps, seed=args.seed,
+                           num_images_per_prompt=args.images_per_prompt)
+    text = json.dumps(rows, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="erasure metrics of a (trained) text encoder on the world")
+    p.add_argument("--text-encoder", type=Path, default=None, help="folder of a CLIPTextModel (save_pretrained)")
+    p.add_argument("--model", default="world", help='"world" (SD) or a pipeline folder')
+    p.add_argument("--concept", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(world_fn=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from sage_dist.world.evaluate import evaluate_world
+
+    text_encoder = None
+    if args.text_encoder is not None:
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(str(args.text_encoder))
+    result = evaluate_world(args.model, text_encoder, concept=args.concept, seed=args.seed,
+                            guidance=args.guidance, quick=args.quick)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+def _add_ship(sub) -> None:
+    p = sub.add_parser("ship", help="copy trained pipelines into sage_dist/world/weights as float16")
+    p.add_argument("--from", dest="src", type=Path, required=True, help="the OUT folder of `world train`")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(world_fn=_run_ship)
+
+
+def _run_ship(args) -> int:
+    from sage_dist.world import ship_weights
+
+    print(json.dumps(ship_weights(args.src, guidance=args.guidance, num_inference_steps=args.steps), indent=1))
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``world`` and its sub-commands to an argparse ``subparsers`` object; returns the ``world`` parser."""
+    world = subparsers.add_parser("world", help="the bundled synthetic world: train, quality, evaluate")
+    sub = world.add_subparsers(dest="world_command", required=True)
+    for add in (_add_train, _add_detector, _add_quality, _add_evaluate, _add_ship):
+        add(sub)
+    world.set_defaults(func=lambda args: args.world_fn(args))
+    return world
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m sage_dist.world.commands world train ...``."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(prog="sage-dist")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
