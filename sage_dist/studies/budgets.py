@@ -1,0 +1,26 @@
+"""Per-trial budgets of the open-question studies.
+
+On the bundled world every trial must be short: a full ``python studies/open_questions.py`` (about 60 trials)
+has 45 minutes on 2 cores. :data:`WORLD_BUDGET` was measured for that (see ``studies/open_questions.py``).
+On real models (SD v1.4, SDXL) the studies use the spec's defaults (``StudyConfig()``, 1000 steps, lr 1e-5),
+which need a GPU.
+"""
+
+from __future__ import annotations
+
+from sage_dist.config import StudyConfig
+from sage_dist.studies.concepts import is_world_model
+
+WORLD_BUDGET = {"optim.num_steps": 30, "erase.warmup_steps": 10, "attack.attack_steps": 10, "optim.lr": 3e-4,
+                "erase.ddim_steps": 20, "erase.rollout_cache": False, "retain.retain_batch_size": 16,
+                "retain.top_k": 4, "tracking.log_every": 5}
+"""SAGE on the world, per concept: 30 steps (10 warm-up), J=10, lr 3e-4, a 20-step DDIM schedule (the world
+samples with 20 steps). The rollout cache is off: its trajectory bank only pays back after hundreds of steps."""
+
+
+def study_base(model: str, concepts: tuple[str, ...], **overrides) -> StudyConfig:
+    """The base config of a study: the world budget on the world, the spec defaults elsewhere."""
+    flat = {"model.model_id": model, "erase.erase_concept": concepts}
+    if is_world_model(model):
+        flat.update(WORLD_BUDGET)
+    return StudyConfig().replace_flat({**flat, **overrides})

@@ -1,0 +1,110 @@
+"""Command line of the open-question studies (``studies/*.py`` and ``studies/open_questions.py``).
+
+A study file defines ``study(model: str | None = None) -> GridStudy`` and calls :func:`main` with it;
+``open_questions.py`` calls :func:`main` with several. Options:
+
+* ``--smoke-test``: one seed, the study's smoke variants, :data:`SMOKE_OVERRIDES` budgets (seconds per trial);
+* ``--model``: the model to erase from (each study has its default: "world", or "world-xl" for the
+  dual-encoder study); Hub ids / folders of SD v1.4 or SDXL run the same grids with the text-space proxy;
+* ``--tracking-uri``, ``--ray-address``, ``--cpus-per-trial``, ``--out``, ``--report``, ``--seeds``;
+* ``--local``: run every trial one after another in this process, without Ray or MLflow (debugging, tests);
+* any ``--section.field=value``: a config override applied to every study's base config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from sage_dist.studies.grid import GridStudy, run_local
+
+log = logging.getLogger(__name__)
+
+SMOKE_OVERRIDES = {"optim.num_steps": 4, "erase.warmup_steps": 2, "attack.attack_steps": 2,
+                   "retain.retain_batch_size": 8, "retain.top_k": 2, "erase.ddim_steps": 10,
+                   "erase.rollout_cache": False}
+"""Budgets of ``--smoke-test`` (every code path, seconds per trial; the numbers mean nothing)."""
+
+StudyFn = Callable[..., GridStudy]
+
+
+def smoke_version(study: GridStudy) -> GridStudy:
+    """``study`` with one seed, its ``smoke_variants`` and the :data:`SMOKE_OVERRIDES` budgets."""
+    keep = set(study.smoke_variants) or {v.name for v in study.variants}
+    every = 2 if study.interference_every else 0
+    return dataclasses.replace(study, base=study.base.replace_flat(SMOKE_OVERRIDES), seeds=study.seeds[:1],
+                               variants=tuple(v for v in study.variants if v.name in keep), interference_every=every)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any --section.field=value is a config override for every study.")
+    p.add_argument("--smoke-test", action="store_true", help="tiny budgets, one seed (a few minutes in all)")
+    p.add_argument("--model", default=None, help="model to erase from (default: each study's own, the world)")
+    p.add_argument("--tracking-uri", default="", help="MLflow server http://HOST:PORT or sqlite:////abs.db "
+                   "(default: local SQLite under ~/.sage_dist/mlflow)")
+    p.add_argument("--ray-address", default="", help="'' joins a running cluster else starts one; 'local'; host:port")
+    p.add_argument("--cpus-per-trial", type=float, default=0.5, help="Ray CPUs per trial (fractions allowed)")
+    p.add_argument("--out", default="runs/open_questions", help="output folder (trial records, Tune experiments)")
+    p.add_argument("--report", default="", help="Markdown report path (default: <out>/report.md)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: each study's, 0,1,2)")
+    p.add_argument("--local", action="store_true", help="run trials one after another here, no Ray/MLflow")
+    return p
+
+
+def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
+    """Parse ``argv`` and build the studies (validated, before Ray starts); returns ``(args, studies)``."""
+    args, rest = build_parser(description).parse_known_args(argv)
+    studies = []
+    for fn in study_fns:
+        study = fn(args.model) if args.model else fn()
+        if rest:
+            study = dataclasses.replace(study, base=study.base.override(rest))
+        if args.tracking_uri:
+            study = dataclasses.replace(study, base=study.base.replace_flat({"tracking.tracking_uri": args.tracking_uri}))
+        if args.seeds:
+            study = dataclasses.replace(study, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+        if args.smoke_test:
+            study = smoke_version(study)
+        studies.append(study)
+    return args, studies
+
+
+def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
+         title: str = "Open questions", default_report: str = "") -> Path:
+    """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path."""
+    from sage_dist.studies.grid import write_record
+    from sage_dist.studies.report import write_report
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    fns = study_fns if isinstance(study_fns, list) else [study_fns]
+    args, studies = prepare(fns, argv, description)
+    out_dir = Path(args.out).expanduser().resolve()
+    t0 = time.time()
+    if args.local:
+        records = {s.name: run_local(s, out_dir) for s in studies}
+    else:
+        from sage_dist.studies.runner import RunSettings, launch
+
+        settings = RunSettings(out_dir=str(out_dir), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
+                               cpus_per_trial=args.cpus_per_trial)
+        records = launch(studies, settings)
+    wall = time.time() - t0
+    for recs in records.values():
+        for r in recs:
+            write_record(out_dir, r)
+    report = Path(args.report or default_report or out_dir / "report.md")
+    trials = sum(len(r) for r in records.values())
+    preamble = (f"Generated by `{' '.join(['python', *(argv if argv is not None else os.sys.argv)])}`"
+                f"{' (smoke test: budgets too small for the numbers to mean anything)' if args.smoke_test else ''}. "
+                f"{len(studies)} studies, {trials} trials, wall time {wall / 60:.1f} min "
+                f"({'in-process' if args.local else f'Ray, {args.cpus_per_trial:g} CPU per trial'}).")
+    path = write_report(studies, records, report, title=title, preamble=preamble)
+    print(f"report: {path}\ntrial records: {out_dir}\nwall time: {wall:.0f} s for {trials} trials")
+    return path

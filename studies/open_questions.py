@@ -1,0 +1,31 @@
+"""Open questions (spec §5): the four studies run concurrently on one Ray cluster, then one report.
+
+Launches studies/multi_concept.py, dual_encoder.py, template_bias.py and frozen_unet.py as four Ray Tune
+experiments at once (each ``Tuner.fit()`` in its own Ray task, trials at --cpus-per-trial CPUs each, several at
+a time), logs each to its own MLflow experiment (``open_questions.<study>``) and writes
+``reports/open_questions.md`` with tables (mean ± std over 3 seeds) and plots (``reports/open_questions_plots/``).
+
+Command (bundled world, 57 trials):  python studies/open_questions.py
+Smoke test (<= 5 min on 2 cores):    python studies/open_questions.py --smoke-test --report /tmp/oq_smoke.md
+Real models (GPU cluster):           python studies/open_questions.py --model CompVis/stable-diffusion-v1-4
+                                     (the dual-encoder study then needs --model of an SDXL id: run it alone)
+Expected runtime: <= 45 min on 2 cores (world), measured per-trial costs in the README's studies section.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dual_encoder  # noqa: E402
+import frozen_unet  # noqa: E402
+import multi_concept  # noqa: E402
+import template_bias  # noqa: E402
+
+from sage_dist.studies.cli import main  # noqa: E402
+
+STUDIES = [multi_concept.study, dual_encoder.study, template_bias.study, frozen_unet.study]
+
+if __name__ == "__main__":
+    main(STUDIES, description=__doc__, default_report="reports/open_questions.md",
+         title="Open questions of SAGE (spec §5), answered on the bundled world")

@@ -1,0 +1,249 @@
+"""Open-question studies (``studies/*.py``, ``sage_dist/studies``): smoke paths, report writer, mined library.
+
+Default set (not slow, ~1-2 min): the mined template library's constraints, the report writer on hand-made
+records, the interference measure, each study's smoke grid, and one smoke trial of every study in-process on
+the bundled world. ``slow``: every study's full ``--smoke-test --local``; ``ray`` + ``slow``: all four smoke
+studies launched concurrently on a local Ray instance with an MLflow SQLite store.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+STUDY_FILES = ("multi_concept", "dual_encoder", "template_bias", "frozen_unet")
+
+
+def load_study_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"studies_{name}", REPO / "studies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def world_available() -> bool:
+    from sage_dist.world import world_path
+
+    try:
+        world_path("sd"), world_path("sdxl")
+        from sage_dist.world.detector import load_detector  # noqa: F401
+
+        return True
+    except (FileNotFoundError, ImportError):
+        return False
+
+
+needs_world = pytest.mark.skipif(not world_available(), reason="the bundled world's weights are not installed")
+
+
+# ---- mined template library -------------------------------------------------------------------------------
+def test_mined_library_has_one_slot_and_no_world_concept_word():
+    from sage_dist.attack.templates import load_templates
+    from sage_dist.studies.templates import MINED_LIBRARY, banned_words, contains_banned
+    from sage_dist.world.concepts import CONCEPTS
+
+    templates = load_templates(str(MINED_LIBRARY))  # the engine's own check: exactly one {} per line
+    assert len(templates) == 125
+    banned = banned_words()
+    assert set(CONCEPTS) <= banned
+    for t in templates:
+        assert t.count("{}") == 1, t
+        assert not contains_banned(t, banned), t
+        words = set(t.lower().replace("{}", " ").split())
+        assert not words & set(CONCEPTS), t
+    default = set(load_templates("default"))
+    assert not default & set(templates), "the mined library must come from a different source"
+
+
+def test_caption_to_template_rules():
+    from sage_dist.studies.templates import caption_to_template, contains_banned, banned_words, mine_templates
+
+    assert caption_to_template("Two people with skis are skiing on the snow.") == "a {} with skis are skiing on the snow"
+    assert caption_to_template("Motorcycles on display.") is None  # no article: no subject phrase found
+    assert contains_banned("a {} with red stripes", banned_words())
+    assert contains_banned("zebra stripes", banned_words())  # "striped"'s paraphrase word and its forms
+    with pytest.raises(ValueError, match="usable captions"):
+        mine_templates(["A dog on a bed."], num=2)
+
+
+def test_mined_library_regenerates_identically(tmp_path):
+    from sage_dist.studies.templates import MINED_LIBRARY, main
+
+    captions = REPO.parent / "shared" / "data" / "prompts" / "coco" / "coco_30k_val.csv"
+    if not captions.is_file():
+        pytest.skip("shared COCO captions not present")
+    out = tmp_path / "mined.txt"
+    main(["--captions", str(captions), "--out", str(out)])
+    assert out.read_text() == MINED_LIBRARY.read_text()
+
+
+# ---- interference -----------------------------------------------------------------------------------------
+def test_mean_pairwise_cosine_hand_values():
+    from sage_dist.studies.interference import mean_pairwise_cosine
+
+    out = mean_pairwise_cosine({"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 1.0]),
+                                "c": torch.tensor([-1.0, 0.0])})
+    assert out["a|b"] == pytest.approx(2 ** -0.5)
+    assert out["a|c"] == pytest.approx(-1.0)
+    assert out["interference_cos"] == pytest.approx((2 ** -0.5 - 1 - 2 ** -0.5) / 3)
+    assert out["interference_cos_min"] == pytest.approx(-1.0)
+    single = mean_pairwise_cosine({"a": torch.tensor([1.0])})
+    assert single["interference_cos"] != single["interference_cos"]  # NaN
+
+
+def test_interference_probe_on_tiny_model():
+    from sage_dist.models.load import load_pipeline
+    from sage_dist.studies.interference import InterferenceProbe
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"erase.erase_concept": ("cat", "dog")})
+    probe = InterferenceProbe(cfg, load_pipeline("tiny-sd"))
+    probe.load(probe.eraser.trainable_module.state_dict())
+    grads = probe.gradients()
+    assert set(grads) == {"cat", "dog"} and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    assert -1.0 <= probe.measure()["interference_cos"] <= 1.0
+
+
+# ---- report writer ----------------------------------------------------------------------------------------
+def _hand_study():
+    from sage_dist.config import StudyConfig
+    from sage_dist.studies.grid import GridStudy, Variant
+
+    return GridStudy(name="demo", question="Does it work?", hypothesis="yes", base=StudyConfig(),
+                     variants=(Variant(name="joint-1", group="joint", x=1), Variant(name="joint-2", group="joint", x=2),
+                               Variant(name="seq-2", group="sequential", x=2)),
+                     metrics=("RER_domain", "FID"), plot_metrics=("RER_domain",), curve_metrics=("interference_cos",))
+
+
+def _record(variant, seed, status="ok", **metrics):
+    return {"study": "demo", "variant": variant, "seed": seed, "status": status, "metrics": metrics,
+            "curves": {"interference_cos": [(0, 0.1), (10, 0.2 + seed / 10)]} if status == "ok" else {},
+            "error": "FloatingPointError: boom" if status != "ok" else ""}
+
+
+def test_report_writer_tables_plots_and_failures(tmp_path):
+    from sage_dist.studies.report import aggregate, write_report
+
+    records = [_record("joint-1", 0, RER_domain=0.8, FID=10.0), _record("joint-1", 1, RER_domain=1.0, FID=12.0),
+               _record("joint-1", 2, RER_domain=0.9, FID=float("nan")),
+               _record("joint-2", 0, RER_domain=0.5, FID=20.0), _record("joint-2", 1, status="failed"),
+               _record("seq-2", 0, RER_domain=0.4, FID=30.0)]
+    stats = aggregate(records, "RER_domain")
+    assert stats["joint-1"] == pytest.approx((0.9, 0.1, 3))
+    assert aggregate(records, "FID")["joint-1"][2] == 2  # NaN dropped
+    path = write_report([_hand_study()], {"demo": records}, tmp_path / "r.md", title="T", preamble="P")
+    text = path.read_text()
+    assert "| joint-1 | 3 | 0 | 0.9 ± 0.1 | 11 ± 1.4 |" in text
+    assert "| joint-2 | 1 | 1 | 0.5 | 20 |" in text
+    assert "best `joint-1` 0.9 ± 0.1, worst `seq-2` 0.4" in text
+    assert "best `joint-1` 11 ± 1.4" in text  # FID: lower is better
+    assert "failed `joint-2` seed 1: FloatingPointError: boom" in text
+    assert (tmp_path / "r_plots" / "demo.png").is_file()
+    assert (tmp_path / "r_plots" / "demo_interference_cos.png").is_file()
+    assert "![demo](r_plots/demo.png)" in text
+
+
+# ---- the studies' grids -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", STUDY_FILES)
+def test_study_grids_and_smoke_versions(name):
+    from sage_dist.studies.cli import SMOKE_OVERRIDES, smoke_version
+
+    module = load_study_module(name)
+    study = module.study()
+    assert study.seeds == (0, 1, 2) and len(study.variants) >= 3
+    smoke = smoke_version(study)
+    assert smoke.seeds == (0,) and 1 <= len(smoke.variants) <= 2
+    for v in smoke.variants:
+        cfg = smoke.variant_config(v, 0)
+        assert cfg.optim.num_steps <= SMOKE_OVERRIDES["optim.num_steps"] * v.steps_scale
+    assert "--smoke-test" in module.__doc__ and "Command" in module.__doc__ and "runtime" in module.__doc__
+
+
+def test_studies_design_for_real_models():
+    multi = load_study_module("multi_concept").study("CompVis/stable-diffusion-v1-4")
+    assert multi.variant_config(multi.variants[3], 0).erase.erase_concept[0] == "Pablo Picasso"
+    assert len(multi.variant_config(multi.variants[3], 0).erase.erase_concept) == 8
+    assert multi.base.optim.num_steps == 1000  # the spec's budget, not the world's
+    dual = load_study_module("dual_encoder").study("stabilityai/stable-diffusion-xl-base-1.0")
+    assert dual.variants[-1].source_model == "CompVis/stable-diffusion-v1-4"
+
+
+def test_cli_overrides_and_seeds_reach_every_study():
+    from sage_dist.studies.cli import prepare
+
+    _, studies = prepare([load_study_module(n).study for n in STUDY_FILES],
+                         ["--seeds", "3,4", "--optim.lr=2e-4"], "d")
+    assert all(s.seeds == (3, 4) and s.base.optim.lr == 2e-4 for s in studies)
+    with pytest.raises(ValueError, match="unknown field"):
+        prepare([load_study_module("frozen_unet").study], ["--optim.bogus=1"], "d")
+
+
+# ---- smoke trials on the bundled world --------------------------------------------------------------------
+@needs_world
+@pytest.mark.parametrize("name", STUDY_FILES)
+def test_one_smoke_trial_per_study(name, tmp_path):
+    """The first smoke variant of each study, one trial in-process (pipelines cached across the module)."""
+    from sage_dist.studies.cli import smoke_version
+    from sage_dist.studies.grid import execute_trial
+
+    study = smoke_version(load_study_module(name).study())
+    variant = study.variants[-1]
+    record = execute_trial(study, variant, 0)
+    m = record["metrics"]
+    assert record["status"] == "ok"
+    for key in ("RER_domain", "retention_acc", "FID", "train_s", "eval_s"):
+        assert key in m
+    assert 0.0 <= m["retention_acc"] <= 1.0
+    if variant.procedure == "transfer":
+        assert "source_RER_domain" in m
+    if variant.procedure == "sequential":
+        assert [s for s, _ in record["curves"]["interference_cos"]] == [0, 4, 8]
+    if name == "frozen_unet":
+        assert m["RER_domain_after_encoder_swap"] == m["RER_domain"]  # the ESD-x variant
+    json.dumps(record)
+
+
+@pytest.mark.slow
+@needs_world
+@pytest.mark.parametrize("name", STUDY_FILES)
+def test_study_smoke_test_local(name, tmp_path):
+    """``python studies/<name>.py --smoke-test --local`` end to end (report included)."""
+    module = load_study_module(name)
+    from sage_dist.studies.cli import main
+
+    report = main(module.study, ["--smoke-test", "--local", "--out", str(tmp_path), "--report",
+                                 str(tmp_path / "report.md")])
+    text = report.read_text()
+    assert "| variant |" in text and "0 of" not in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@needs_world
+def test_open_questions_smoke_on_ray(tmp_path):
+    """All four studies' smoke grids concurrently on a local Ray instance, MLflow in a tmp SQLite store."""
+    sys.path.insert(0, str(REPO / "studies"))
+    import ray
+
+    from sage_dist.studies.cli import main
+    from sage_dist.tracking.mlflow_tracker import search_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        report = main([load_study_module(n).study for n in STUDY_FILES],
+                      ["--smoke-test", "--ray-address", "local", "--out", str(tmp_path / "out"),
+                       "--report", str(tmp_path / "oq.md"), "--tracking-uri", uri])
+    finally:
+        ray.shutdown()
+    text = report.read_text()
+    for name in STUDY_FILES:
+        assert f"## {name}:" in text
+        runs = search_runs(uri, f"open_questions.{name}")
+        assert len(runs) == 3  # parent + 2 trials
+        assert all(r.info.status == "FINISHED" for r in runs)
