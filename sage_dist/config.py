@@ -87,8 +87,8 @@ class EraseConfig:
     """Draw z_t from a bank of ``rollout_bank_size`` full frozen-model DDIM trajectories per prompt instead
     of a fresh rollout every step (issue 8). An approximation: z_t then comes from a finite set of start
     noises. False recomputes the rollout every step exactly as ESD and AdvUnlearn do."""
-    rollout_bank_size: int = 8
-    """Trajectories kept per prompt when ``rollout_cache`` (each costs S − 1 DDIM steps once)."""
+    rollout_bank_size: int = 4
+    """Start noises (trajectories) kept per prompt when ``rollout_cache``; each is run only as deep as asked."""
 
     def __post_init__(self) -> None:
         _require(len(self.erase_concept) >= 1, "erase.erase_concept is empty: name at least one concept to erase.")

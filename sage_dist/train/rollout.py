@@ -113,23 +113,26 @@ class BankSample:
 
 
 class TrajectoryBank:
-    """Full frozen-model DDIM trajectories, ``bank_size`` per prompt key, computed on first use (issue 8).
+    """Frozen-model DDIM trajectories, ``bank_size`` per prompt key, extended on demand (issue 8).
 
-    Entry i of a trajectory is the latent at the noise level of DDIM index i (what
-    :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``), for a start noise drawn from ``seed`` and
-    the (key, slot) pair, so the bank's contents do not depend on the order of use. The DDPM timestep of
-    (key, slot, i) is drawn once from the same bin as :meth:`DiffusionSampler.draw`, and the frozen model's
-    predictions there are cached too: after the bank warms up, a training step only runs the student.
+    Level i of an entry is the latent at the noise level of DDIM index i (what
+    :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``) for a start noise drawn from ``seed``
+    and the (key, slot) pair, so the bank's contents do not depend on the order of use. An entry is only
+    run as deep as it has been asked for, so its first use costs what a fresh rollout costs, in one batched
+    rollout over all rows of a step, and later uses are free. The DDPM timestep of (key, slot, i) is drawn
+    once from the same bin as :meth:`DiffusionSampler.draw`, and the frozen predictions there are cached
+    too: once warm, a training step only runs the student.
 
-    This is an approximation of the reference sampling (finite start noises, one t per bin and entry), a
-    config choice (``erase.rollout_cache``) whose effect is measured in the closing notes.
+    This approximates the reference sampling (finite start noises, one t per bin and entry): a config
+    choice (``erase.rollout_cache``) whose effect on RER and retention is measured (README, closing notes).
     """
 
     def __init__(self, sampler: DiffusionSampler, *, bank_size: int, guidance: float, seed: int):
         self.sampler, self.bank_size, self.guidance, self.seed = sampler, bank_size, guidance, seed
-        self._store: dict[tuple[str, int], Tensor] = {}
+        self._levels: dict[tuple[str, int], dict[int, Tensor]] = {}
         self._targets: dict[tuple[str, int, int], tuple[int, Tensor, Tensor]] = {}
-        self.num_built = 0
+        self.num_ddim_rows = 0
+        """Row-steps of DDIM sampling done so far (cost accounting)."""
 
     def _generator(self, key: str, *extra: int) -> torch.Generator:
         import zlib
@@ -142,20 +145,34 @@ class TrajectoryBank:
     def _noise(self, key: str, slot: int) -> Tensor:
         return self.sampler.initial_noise(1, self._generator(key, slot))
 
+    @property
+    def num_built(self) -> int:
+        """Entries (key, slot) started so far."""
+        return len(self._levels)
+
     @torch.no_grad()
-    def _build(self, key: str, slot: int, cond: Conditioning, uncond: Conditioning) -> Tensor:
+    def _extend(self, entries: list[tuple[str, int]], conds: Conditioning, uncond: Conditioning, ddim_index: int) -> None:
+        """Run every entry down to ``ddim_index``, batching the rows that sit at the same level."""
         s = self.sampler
-        z = self._noise(key, slot)
-        levels = [None] * s.ddim_steps
-        levels[s.ddim_steps - 1] = z
-        both = Conditioning.cat([uncond, cond])
-        for k in range(s.ddim_steps - 1):
+        top = s.ddim_steps - 1
+        for j, entry in enumerate(entries):
+            if entry not in self._levels:
+                self._levels[entry] = {top: self._noise(*entry).to(s.unet.dtype)}
+        for k in range(top - ddim_index):
+            level = top - k
+            rows = [j for j, e in enumerate(entries) if min(self._levels[e]) == level]
+            rows = [j for n, j in enumerate(rows) if entries[j] not in [entries[r] for r in rows[:n]]]
+            if not rows:
+                continue
+            z = torch.cat([self._levels[entries[j]][level] for j in rows]).float()
+            index = torch.tensor(rows)
             t = int(s.scheduler.timesteps[k])
+            both = Conditioning.cat([Conditioning.cat([uncond] * len(rows)), conds.select(index)])
             eps_u, eps_c = s.eps(torch.cat([z, z]), t, both).chunk(2)
-            z = s.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, z, eta=0.0).prev_sample
-            levels[s.ddim_steps - 2 - k] = z
-        self.num_built += 1
-        return torch.cat(levels).to(s.unet.dtype)
+            z_next = s.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, z, eta=0.0).prev_sample
+            self.num_ddim_rows += len(rows)
+            for n, j in enumerate(rows):
+                self._levels[entries[j]][level - 1] = z_next[n : n + 1].to(s.unet.dtype)
 
     def latents(self, keys: list[str], conds: Conditioning, uncond: Conditioning, ddim_index: int,
                 generator: torch.Generator) -> Tensor:
@@ -168,28 +185,25 @@ class TrajectoryBank:
         """One bank entry per row (slot drawn from ``generator``) at ``ddim_index``, with t and the frozen
         predictions (``with_targets``). ``conds``: the rows' τ_o conditioning; ``uncond``: 1 row."""
         s = self.sampler
-        lat, ts, eu, ec = [], [], [], []
-        for j, key in enumerate(keys):
-            slot = int(torch.randint(0, self.bank_size, (1,), generator=generator))
-            cond = conds.select(torch.tensor([j]))
-            if (key, slot) not in self._store:
-                self._store[(key, slot)] = self._build(key, slot, cond, uncond)
-            z = self._store[(key, slot)][ddim_index : ddim_index + 1].float()
-            lat.append(z)
-            if not with_targets:
-                continue
-            entry = (key, slot, ddim_index)
-            if entry not in self._targets:
-                lo = s.num_train_timesteps * ddim_index // s.ddim_steps
-                hi = max(s.num_train_timesteps * (ddim_index + 1) // s.ddim_steps, lo + 1)
-                t = int(torch.randint(lo, hi, (1,), generator=self._generator(key, slot, ddim_index)))
-                e_u, e_c = s.eps(torch.cat([z, z]), t, Conditioning.cat([uncond, cond])).chunk(2)
-                self._targets[entry] = (t, e_u.to(s.unet.dtype), e_c.to(s.unet.dtype))
-            t, e_u, e_c = self._targets[entry]
-            ts.append(t)
-            eu.append(e_u.float())
-            ec.append(e_c.float())
-        latents = torch.cat(lat)
+        entries = [(key, int(torch.randint(0, self.bank_size, (1,), generator=generator))) for key in keys]
+        self._extend(entries, conds, uncond, ddim_index)
+        latents = torch.cat([self._levels[e][ddim_index] for e in entries]).float()
         if not with_targets:
             return BankSample(latents, torch.empty(0, dtype=torch.long), latents[:0], latents[:0])
-        return BankSample(latents, torch.tensor(ts, device=latents.device), torch.cat(eu), torch.cat(ec))
+        missing = [j for j, e in enumerate(entries) if (*e, ddim_index) not in self._targets]
+        missing = [j for n, j in enumerate(missing) if entries[j] not in [entries[r] for r in missing[:n]]]
+        if missing:
+            lo = s.num_train_timesteps * ddim_index // s.ddim_steps
+            hi = max(s.num_train_timesteps * (ddim_index + 1) // s.ddim_steps, lo + 1)
+            ts = [int(torch.randint(lo, hi, (1,), generator=self._generator(*entries[j], ddim_index))) for j in missing]
+            index = torch.tensor(missing)
+            z = latents[index]
+            t = torch.tensor(ts + ts, device=z.device)
+            both = Conditioning.cat([Conditioning.cat([uncond] * len(missing)), conds.select(index)])
+            eps_u, eps_c = s.eps(torch.cat([z, z]), t, both).chunk(2)
+            for n, j in enumerate(missing):
+                self._targets[(*entries[j], ddim_index)] = (ts[n], eps_u[n : n + 1].to(s.unet.dtype),
+                                                             eps_c[n : n + 1].to(s.unet.dtype))
+        cached = [self._targets[(*e, ddim_index)] for e in entries]
+        return BankSample(latents, torch.tensor([c[0] for c in cached], device=latents.device),
+                          torch.cat([c[1] for c in cached]).float(), torch.cat([c[2] for c in cached]).float())
