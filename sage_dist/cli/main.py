@@ -38,14 +38,22 @@ def _add_erase(sub) -> None:
     p.add_argument("--seed", type=int, help="optim.seed")
     p.add_argument("--out", required=True, type=Path, help="output folder (text_encoder/, record.json)")
     p.add_argument("--resume-from", type=Path, help="checkpoint folder to continue from")
+    p.add_argument("--preset", choices=["auto", "world", "none"], default="auto",
+                   help="per-model defaults applied before your flags (auto: 'world' for the bundled world, "
+                        "'none' = the spec's SD v1.4 defaults otherwise; see sage_dist/presets.py)")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.set_defaults(func=_cmd_erase, accepts_overrides=True)
 
 
 def build_config(args: argparse.Namespace, overrides: list[str], base: StudyConfig | None = None) -> StudyConfig:
-    """The effective config: ``base`` (default config), then the named flags, then dotted overrides."""
+    """The effective config: ``base`` (default config), the model's preset, the named flags, dotted overrides."""
+    from sage_dist.presets import PRESETS, preset_for
+
     cfg = base or StudyConfig()
-    flat: dict[str, object] = {}
+    dotted = parse_overrides(overrides)
+    model_id = getattr(args, "model", None) or dotted.get("model.model_id") or cfg.model.model_id
+    preset = getattr(args, "preset", "auto")
+    flat: dict[str, object] = dict(PRESETS[preset_for(model_id) if preset == "auto" else preset])
     if getattr(args, "model", None):
         flat["model.model_id"] = args.model
     if getattr(args, "concept", None):
@@ -56,7 +64,7 @@ def build_config(args: argparse.Namespace, overrides: list[str], base: StudyConf
         flat["optim.num_steps"] = args.steps
     if getattr(args, "seed", None) is not None:
         flat["optim.seed"] = args.seed
-    flat.update(parse_overrides(overrides))
+    flat.update(dotted)
     return cfg.replace_flat(flat) if flat else cfg
 
 
