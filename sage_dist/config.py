@@ -83,6 +83,9 @@ class EraseConfig:
     """Training steps per attack (cycle length, spec §1.6; AdvUnlearn's adv_prompt_update_step)."""
     multi_concept: Literal["round_robin", "sum"] = "round_robin"
     """With several concepts: erase one per step in turn (ESD/AdvUnlearn style), or all of them every step."""
+    log_interference: bool = False
+    """With several concepts and multi_concept="sum": log the mean pairwise cosine between the per-concept
+    erase-loss gradients on the trainable parameters ("interference_cos", one extra backward per concept)."""
     rollout_cache: bool = False
     """Draw z_t from a bank of ``rollout_bank_size`` full frozen-model DDIM trajectories per prompt instead
     of a fresh rollout every step (issue 8). An approximation: z_t then comes from a finite set of start

@@ -171,6 +171,21 @@ class Eraser:
             return select_top_k(concept_sim, k)
         return torch.randperm(n, generator=self.generator)[:k]
 
+    def _interference(self, eps_student: Tensor, eps_uncond: Tensor, eps_concept: Tensor) -> float:
+        """Mean pairwise cosine of the per-concept erase-loss gradients (spec §5.3 interference measure)."""
+        eta = self.cfg.erase.negative_guidance
+        flat = []
+        for j in range(eps_student.shape[0]):
+            loss_j = erase_loss(eps_student[j : j + 1], eps_uncond[j : j + 1], eps_concept[j : j + 1],
+                                negative_guidance=eta)
+            grads = torch.autograd.grad(loss_j, self.trainable_parameters, retain_graph=True, allow_unused=True)
+            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                   for g, p in zip(grads, self.trainable_parameters)]))
+        unit = torch.nn.functional.normalize(torch.stack(flat), dim=-1)
+        cos = unit @ unit.T
+        n = cos.shape[0]
+        return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step; returns the step's scalars (losses, attack stats). See module docstring.
 
@@ -259,6 +274,8 @@ class Eraser:
         if not torch.isfinite(total):
             raise FloatingPointError(f"step {step}: loss is {float(total)} (erase {float(l_erase)}, graph "
                                      f"{float(l_graph)}, image {float(l_image)}); lower optim.lr")
+        if cfg.erase.log_interference and n_erase > 1:
+            out["interference_cos"] = self._interference(eps_student[:n_erase], eps_uncond, eps_concept)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.optim.grad_clip > 0:

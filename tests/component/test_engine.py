@@ -251,3 +251,11 @@ def test_esd_x_trains_only_unet_cross_attention(tmp_path):
     assert changed and all("attn2" in k for k in changed)
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
     assert all(torch.equal(v, edited[k]) for k, v in saved.state_dict().items())
+
+
+def test_interference_between_concepts_is_logged():
+    cfg = tiny_config(**{"erase.erase_concept": "cat,dog,car", "erase.multi_concept": "sum",
+                         "erase.log_interference": True, "optim.num_steps": 2, "erase.warmup_steps": 2})
+    result = run_erasure(cfg, progress=False)
+    values = [h["interference_cos"] for h in result.history]
+    assert len(values) == 2 and all(-1.0 <= v <= 1.0 for v in values)
