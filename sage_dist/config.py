@@ -69,8 +69,6 @@ class EraseConfig:
     erase_concept: tuple[str, ...] = ("triangle",)
     """Concept(s) to remove, e.g. ("nudity",) or ("Van Gogh", "Kilian Eng"). Several concepts are erased
     jointly, each with its own attack state (spec §5.3)."""
-    anchor_concept: str = ""
-    """Prompt whose prediction the erased concept is pushed towards; "" is the unconditional prompt ∅ (§1.4)."""
     negative_guidance: float = 1.0
     """η in target = e_∅ − η (e_c − e_∅) (spec §1.4; ESD 2023 and AdvUnlearn use 1.0, ESD 2025 uses 2.0)."""
     start_guidance: float = 3.0

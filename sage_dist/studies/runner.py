@@ -80,13 +80,11 @@ def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSetting
     ray.tune.report({**numeric, "record_json": json.dumps(record, default=float)})
 
 
-def _fit_study(study: GridStudy, settings: RunSettings) -> list[dict[str, Any]]:
-    """Run one study's Tune experiment (in a Ray task) and return its trial records."""
-    from ray import tune
-
+def _start_parent(study: GridStudy, settings: RunSettings):
+    """The study's MLflow experiment and parent run (created by the driver, one study after another: several
+    processes creating a fresh SQLite store at once race on its tables)."""
     from sage_dist.tracking import MlflowTracker, ensure_experiment, git_sha, resolve_tracking
 
-    t0 = time.time()
     target = resolve_tracking(settings.tracking_uri)
     experiment_id = ensure_experiment(target, settings.experiment_prefix + study.name)
     parent = MlflowTracker.start(target, experiment_id, run_name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -94,6 +92,17 @@ def _fit_study(study: GridStudy, settings: RunSettings) -> list[dict[str, Any]]:
                                        "question": study.question})
     parent.log_params({**study.base.to_flat_dict(), "grid.variants": ",".join(v.name for v in study.variants),
                        "grid.seeds": ",".join(map(str, study.seeds))})
+    return experiment_id, parent
+
+
+def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """Run one study's Tune experiment (in a Ray task) and return its trial records."""
+    from ray import tune
+
+    from sage_dist.tracking import MlflowTracker
+
+    t0 = time.time()
+    parent = MlflowTracker(_resolved(settings.tracking_uri), parent_run_id)
     trainable = tune.with_resources(
         tune.with_parameters(grid_trial, study=study, settings=settings, experiment_id=experiment_id,
                              parent_run_id=parent.run_id),
@@ -126,6 +135,12 @@ def _fit_study(study: GridStudy, settings: RunSettings) -> list[dict[str, Any]]:
     return records
 
 
+def _resolved(uri: str) -> str:
+    from sage_dist.tracking import resolve_tracking
+
+    return resolve_tracking(uri).tracking_uri
+
+
 def launch(studies: list[GridStudy], settings: RunSettings) -> dict[str, list[dict[str, Any]]]:
     """Run ``studies`` concurrently on one Ray cluster (module docstring); writes every trial record under
     ``settings.out_dir`` and returns them per study.
@@ -144,14 +159,22 @@ def launch(studies: list[GridStudy], settings: RunSettings) -> dict[str, list[di
     log.info("Ray: %s; %d studies, %s trials", where, len(studies),
              "+".join(str(len(s.variants) * len(s.seeds)) for s in studies))
     fit = ray.remote(num_cpus=0)(_fit_study)
-    refs = {s.name: fit.remote(s, settings) for s in studies}
+    parents = {s.name: _start_parent(s, settings) for s in studies}
+    refs = {s.name: fit.remote(s, settings, parents[s.name][0], parents[s.name][1].run_id) for s in studies}
+    by_name = {s.name: s for s in studies}
     out: dict[str, list[dict[str, Any]]] = {}
     pending = dict(refs)
     while pending:
         done, _ = ray.wait(list(pending.values()), num_returns=1)
         name = next(k for k, v in pending.items() if v == done[0])
         del pending[name]
-        out[name] = ray.get(done[0])
+        try:
+            out[name] = ray.get(done[0])
+        except Exception as err:  # one broken study must not take the others down
+            log.error("study %s failed: %s", name, err)
+            parents[name][1].end("FAILED", f"{type(err).__name__}: {err}"[:2000])
+            study = by_name[name]
+            out[name] = [failed_record(study, v, seed, err) for v in study.variants for seed in study.seeds]
         for record in out[name]:
             write_record(settings.out_dir, record)
         log.info("study %s finished: %d/%d trials ok", name, sum(r["status"] == "ok" for r in out[name]),
