@@ -1,0 +1,67 @@
+"""MLflow tracking without Ray: URI resolution, fail-fast on unreachable servers, parent/child runs, and
+``train_fn_per_worker`` called directly (no Ray) logging into a child run."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from sage_dist.tracking import MlflowTracker, check_tracking_reachable, ensure_experiment, resolve_tracking
+from sage_dist.tracking.mlflow_tracker import child_runs, list_artifacts, metric_history
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_resolve_tracking_defaults_to_absolute_sqlite(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAGE_DIST_MLFLOW_HOME", str(tmp_path / "home"))
+    target = resolve_tracking("")
+    assert target.tracking_uri == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert target.artifact_location == (tmp_path / "home" / "artifacts").as_uri()
+    with pytest.raises(ValueError, match="absolute SQLite path"):
+        resolve_tracking("sqlite:///relative.db")
+    with pytest.raises(ValueError, match="file stores"):
+        resolve_tracking("./mlruns")
+
+
+def test_unreachable_server_fails_fast_with_a_clear_error():
+    target = resolve_tracking(f"http://127.0.0.1:{_free_port()}")
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="not reachable.*mlflow server"):
+        check_tracking_reachable(target, timeout_s=2.0)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_worker_without_ray_logs_into_a_nested_run(tmp_path):
+    from conftest import tiny_config
+    from sage_dist.train.ray_worker import WorkerRun, train_fn_per_worker, worker_config
+
+    target = resolve_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_tracking_reachable(target)
+    exp = ensure_experiment(target, "unit")
+    parent = MlflowTracker.start(target, exp, run_name="study", tags={"kind": "study"})
+    child = MlflowTracker.find_or_start(target, exp, key="trial-a", run_name="trial", tags={"seed": 0},
+                                        parent_run_id=parent.run_id)
+    cfg = tiny_config(**{"scaling.checkpoint_every": 2})
+    child.log_params(cfg.to_flat_dict())
+    final = train_fn_per_worker(worker_config(cfg, WorkerRun(tracking_uri=target.tracking_uri, run_id=child.run_id,
+                                                             out_dir=str(tmp_path / "enc"), grid_steps=2)))
+    child.end()
+    parent.end()
+    assert {"text_erasure", "text_retention_drift", "text_score"} <= set(final)
+    assert [s for s, _ in metric_history(target.tracking_uri, child.run_id, "loss")] == [0, 1, 2, 3]
+    assert [s for s, _ in metric_history(target.tracking_uri, child.run_id, "text_erasure")] == [2, 4]
+    assert "images/original_vs_erased.png" in list_artifacts(target.tracking_uri, child.run_id, "images")
+    assert "erased_encoder/text_encoder" in list_artifacts(target.tracking_uri, child.run_id, "erased_encoder")
+    assert (tmp_path / "enc" / "text_encoder" / "model.safetensors").is_file()
+    [found] = child_runs(target.tracking_uri, parent.run_id)
+    assert found.info.run_id == child.run_id and found.info.status == "FINISHED"
+    assert found.data.params["optim.num_steps"] == "4"
+    again = MlflowTracker.find_or_start(target, exp, key="trial-a", run_name="trial", tags={},
+                                        parent_run_id=parent.run_id)
+    assert again.run_id == child.run_id  # a retried trial keeps its child run

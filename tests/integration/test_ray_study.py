@@ -1,0 +1,174 @@
+"""End to end under local Ray (2 CPUs): a 2-trial tiny-sd study logged to an ``mlflow server`` (found through
+its REST API and MLflow's client), a NaN trial recorded as failed while the study goes on, and a study whose
+driver is killed mid-run resumed without losing or repeating the finished trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.ray
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import tiny_study  # noqa: E402
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process group this test started (TERM, then KILL)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1:<free port> in its own process group; the group is stopped at the end."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not answer /health within 120 s")
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                       "RAY_TRAIN_METRICS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def _api(url: str, path: str, **payload):
+    response = requests.post(f"{url}/api/2.0/mlflow/{path}", json=payload, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_two_trial_study_logged_to_a_server_with_a_failed_trial(tmp_path, mlflow_server, local_ray):
+    from sage_dist.tune.study import execute
+
+    out = execute(tiny_study.config(mlflow_server), tiny_study.search_space_with_nan,
+                  tiny_study.options(str(tmp_path), num_samples=2, max_concurrent=2))
+    status = sorted(r.status for r in out.rows)
+    assert status == ["failed", "ok"], out.table
+    failed = next(r for r in out.rows if r.status == "failed")
+    assert "loss is nan" in failed.error or "FloatingPointError" in failed.error, failed.error
+    ok = next(r for r in out.rows if r.status == "ok")
+    assert ok.pareto and {"text_erasure", "text_retention_drift"} <= set(ok.metrics)
+
+    # The study's runs through the server's REST API (what the UI shows).
+    exp = _api(mlflow_server, "experiments/search", max_results=10)
+    exp_id = next(e["experiment_id"] for e in exp["experiments"] if e["name"] == "tiny_study")
+    runs = _api(mlflow_server, "runs/search", experiment_ids=[exp_id], max_results=100)["runs"]
+    parent = next(r for r in runs if r["info"]["run_id"] == out.parent_run_id)
+    assert parent["info"]["status"] == "FINISHED"
+    children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" and t["value"] == out.parent_run_id
+                                       for t in r["data"].get("tags", []))]
+    assert sorted(c["info"]["status"] for c in children) == ["FAILED", "FINISHED"]
+    bad = next(c for c in children if c["info"]["status"] == "FAILED")
+    reason = next(t["value"] for t in bad["data"]["tags"] if t["key"] == "failure_reason")
+    assert "FloatingPointError" in reason and "nan" in reason
+    good = next(c for c in children if c["info"]["status"] == "FINISHED")
+    tags = {t["key"]: t["value"] for t in good["data"]["tags"]}
+    assert tags["model"] == "tiny-sd" and tags["concept"] == "triangle" and tags["seed"] == "0" and tags["git_sha"]
+    metrics = {m["key"] for m in good["data"]["metrics"]}
+    assert {"loss", "erase_loss", "retain_loss", "text_erasure", "text_retention_drift"} <= metrics
+    history = requests.get(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history",
+                           params={"run_id": good["info"]["run_id"], "metric_key": "loss"}, timeout=30).json()
+    assert len(history["metrics"]) == 4
+    arts = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
+                        params={"run_id": good["info"]["run_id"]}, timeout=30).json()
+    assert {"erased_encoder", "images"} <= {f["path"] for f in arts["files"]}
+    parent_arts = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
+                               params={"run_id": out.parent_run_id}, timeout=30).json()
+    assert {"pareto_table.md", "trials.json", "plots"} <= {f["path"] for f in parent_arts["files"]}
+
+    # The same through MLflow's client.
+    from sage_dist.tracking.mlflow_tracker import child_runs, metric_history
+
+    assert len(child_runs(out.tracking_uri, out.parent_run_id)) == 2
+    assert len(metric_history(out.tracking_uri, good["info"]["run_id"], "text_erasure")) == 2
+
+
+def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, local_ray):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sage_dist.tracking.mlflow_tracker import child_runs, search_runs
+    from sage_dist.tune.study import execute
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import tiny_study; "
+            f"tiny_study.main([{str(tmp_path)!r}, {uri!r}, '2', '1'])")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, start_new_session=True,
+                              stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        finished = []
+        while time.time() < deadline and driver.poll() is None:
+            finished = [p for p in tmp_path.glob("tiny-*/run_trial_*/result.json") if "trial_finished" in p.read_text()]
+            if finished:
+                break
+            time.sleep(2)
+        assert finished, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(3)  # let Tune write its experiment state with the finished trial
+    finally:
+        _stop_group(driver)  # the driver "crashes": its whole process group, local Ray included, goes
+
+    out = execute(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 2, 1,
+                                                                                      resume="latest"))
+    assert [r.status for r in out.rows] == ["ok", "ok"], out.table
+    first_id = finished[0].parent.name.split("_")[2]
+    assert first_id in {r.trial_id for r in out.rows}
+    runs = child_runs(out.tracking_uri, out.parent_run_id)
+    assert len(runs) == 2  # no trial ran twice as separate runs
+    first = next(r for r in runs if r.data.tags["trial_id"] == first_id)
+    assert "sage_dist.attempts" not in first.data.tags  # the finished trial was not re-run
+    assert len(search_runs(out.tracking_uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")) == 1
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(out.study_dir))
+    assert len(searcher._ot_study.trials) == 2  # the searcher's history survived the kill
