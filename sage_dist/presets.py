@@ -1,9 +1,9 @@
 """Per-model defaults layered between the spec's defaults and the user's overrides.
 
 The spec's defaults (``StudyConfig()``) are SD v1.4's: 1000 steps, 50-step DDIM rollouts with CFG 3,
-lr 1e-5. The bundled world is a 3M-parameter model sampled with 20 DDIM steps at guidance 2 (stronger
-guidance spoils its samples, PLATFORM_NOTES.md), so erasing on it with SD's schedule would waste 20x the
-compute and roll out off its sampling distribution. ``sage-dist erase`` applies :func:`preset_for` first,
+lr 1e-5. The bundled world is a 3M-parameter model sampled with 20 DDIM steps (at guidance 3, its
+``world_config.json``, which equals the spec's rollout guidance), so erasing on it with SD's 50-step
+rollouts and 1000 steps at lr 1e-5 would waste most of the compute. ``sage-dist erase`` applies :func:`preset_for` first,
 then the user's flags; ``--preset none`` keeps the pure spec defaults. Every value is recorded in
 ``record.json`` like any other field.
 """
@@ -19,7 +19,6 @@ WORLD: dict[str, Any] = {
     "optim.lr": 3e-4,
     "erase.warmup_steps": 30,
     "erase.ddim_steps": 20,
-    "erase.start_guidance": 2.0,
     "erase.rollout_cache": True,
     "attack.attack_steps": 10,
 }

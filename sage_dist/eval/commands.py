@@ -535,9 +535,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add ``evaluate`` to the ``sage-dist`` CLI (called by ``sage_dist.cli.main``)."""
     p = subparsers.add_parser("evaluate", help="evaluation protocol: RER, ASR, FID, CLIP score (spec section 3)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tiny-sd | world | Hub id | local diffusers folder")
+    p.add_argument("--model", default="world", help="world (default) | tiny-sd | Hub id | local diffusers folder")
     p.add_argument("--text-encoder", required=True, help="erased encoder folder / state dict, or 'original'")
-    p.add_argument("--protocol", required=True, choices=["nudity", "style", "object", "retain"])
+    p.add_argument("--protocol", required=True, choices=["nudity", "style", "object", "retain", "world"],
+                   help="world: the bundled world's concept-domain protocol (RER per phrase set, ASR under "
+                        "SAGE's inside-out attack, retention, FID on detector features, alignment)")
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<protocol>)")
     p.add_argument("--prompts", help="main prompt set: shipped name or CSV/TXT path")
     p.add_argument("--attack-prompts", help="prompt set for ASR")
@@ -560,7 +562,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nudity-rule", choices=["unlearndiffatk", "esd"], default="unlearndiffatk")
     p.add_argument("--threshold", type=float, help="override the NudeNet score threshold")
     p.add_argument("--classifier", help="torchvision:<name> | timm:<name> | hf:<id or folder> | module:<mod>:<fn>")
-    p.add_argument("--concept", default="church", help="object protocol: church | garbage_truck | parachute | tench")
+    p.add_argument("--concept", default=None,
+                   help="object protocol: church (default) | garbage_truck | parachute | tench; world protocol: "
+                        "a world concept, e.g. triangle")
     p.add_argument("--target-label", help="classifier label counted as success (default per protocol)")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--fid-reference", help="folder of real images (e.g. the COCO val images) for FID")
@@ -576,6 +580,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    if args.concept is None:
+        args.concept = "church"
     return EvalConfig(
         model=args.model, text_encoder=args.text_encoder, protocol=args.protocol,
         out=args.out or str(Path("runs") / "eval" / args.protocol), prompts=args.prompts,
@@ -592,8 +598,64 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     )
 
 
+def run_world_protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """``--protocol world``: :func:`sage_dist.world.evaluate.evaluate_world` plus
+    :func:`sage_dist.eval.world_asr.world_asr` (J = ``--attack-steps``, default 30 here), a grid of the concept's
+    domain prompts (original vs erased, same seeds), ``metrics.json``; MLflow with ``--tracking-uri``.
+
+    Raises:
+        ValueError: missing or unknown ``--concept``, or an unreadable encoder folder (before generating).
+    """
+    import time
+
+    from sage_dist.eval.world_asr import world_asr
+    from sage_dist.generate import generate_side_by_side
+    from sage_dist.models.load import load_erased_text_encoders
+    from sage_dist.world.concepts import CONCEPTS
+    from sage_dist.world.evaluate import domain_prompt_sets, evaluate_world
+    from sage_dist.world.generate import load_world_pipeline
+
+    if args.concept not in CONCEPTS:
+        raise ValueError(f"--protocol world needs --concept, one of {list(CONCEPTS)} (got {args.concept!r})")
+    out = Path(args.out or Path("runs") / "eval" / "world")
+    erased = None if args.text_encoder == "original" else load_erased_text_encoders(args.text_encoder)["text_encoder"]
+    t0 = time.perf_counter()
+    pipe = load_world_pipeline(args.model)
+    erased = erased if erased is not None else pipe.text_encoder
+    metrics: dict[str, Any] = dict(evaluate_world(pipe, erased, concept=args.concept, seed=0))
+    steps = args.attack_steps if args.attack_steps != 40 else 30
+    metrics.update(world_asr(pipe, erased, concept=args.concept, attack_steps=steps))
+    metrics["wall_time_s"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    sets = domain_prompt_sets(args.concept, 1)
+    grid_prompts = [p for name in ("word", "synonyms", "heldout") for p in sets[name]]
+    grid = None
+    if args.text_encoder != "original":
+        grid = generate_side_by_side(args.model, grid_prompts, text_encoder=args.text_encoder,
+                                     out=out / "grid_domain.png", device="cpu")
+    metrics["config"] = {"model": args.model, "text_encoder": str(args.text_encoder), "protocol": "world",
+                         "concept": args.concept, "out": str(out), "attack_steps": steps}
+    (out / "metrics.json").write_text(json.dumps(_nan_to_none(metrics), indent=1))
+    if args.tracking_uri:
+        from sage_dist.tracking.evaluation import log_evaluation
+
+        log_evaluation(args.tracking_uri, experiment=args.experiment, run_name=args.run_name or f"world-{args.concept}",
+                       params=metrics["config"], metrics={k: float(v) for k, v in metrics.items()
+                                                          if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                       artifacts=[out / "metrics.json"] + ([grid] if grid else []))
+    return metrics
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """``sage-dist evaluate`` entry: prints the headline numbers and the metrics path."""
+    if args.protocol == "world":
+        metrics = run_world_protocol(args)
+        for key in ("RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "ASR", "pre_ASR", "post_ASR",
+                    "retention_acc", "retention_acc_original", "FID", "FID_original", "alignment"):
+            if key in metrics:
+                print(f"{key} = {metrics[key]:.4f}")
+        print(f"metrics: {Path(metrics['config']['out']) / 'metrics.json'}")
+        return 0
     metrics = run_evaluation(config_from_args(args))
     flat = flatten_metrics(metrics)
     for key in sorted(flat):
