@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 Method = Literal["sage", "esd", "advunlearn", "esd-x"]
-Dtype = Literal["float32", "float16", "bfloat16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -43,8 +43,9 @@ class ModelConfig:
     trainable_layers: tuple[int, ...] = ()
     """Encoder block indices to train; empty means all blocks (spec §1.2). The final LayerNorm is trained
     whenever "full" is chosen."""
-    frozen_dtype: Dtype = "float32"
-    """dtype of the frozen parts (UNet, VAE, original encoder). The trainable encoder stays float32."""
+    frozen_dtype: Dtype = "auto"
+    """dtype of the frozen parts (UNet, VAE, original encoder): "auto" is bfloat16 on CUDA and float32 on the
+    CPU. The trainable encoder (or ESD-x's UNet copy) always stays float32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run; "auto" picks CUDA when available."""
 

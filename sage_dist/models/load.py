@@ -98,6 +98,13 @@ def load_pipeline(model_id: str, *, dtype: torch.dtype = torch.float32, device: 
     return pipe
 
 
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.frozen_dtype`` as a torch dtype: "auto" -> bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 def resolve_device(device: str) -> torch.device:
     """"auto" -> cuda when available else cpu."""
     if device == "auto":

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_dist.config import StudyConfig
-from sage_dist.models.load import DTYPES, load_pipeline, resolve_device
+from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
 from sage_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from sage_dist.train.step import Eraser
 from sage_dist.validate import validate_inputs
@@ -120,10 +120,13 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
     """
     retain_prompts = validate_inputs(cfg)
     torch.set_flush_denormal(True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 trainable encoder on Ampere+ GPUs
+        torch.backends.cudnn.allow_tf32 = True
     tracker = tracker or NullTracker()
     if pipe is None:
         device = resolve_device(cfg.model.device)
-        pipe = load_pipeline(cfg.model.model_id, dtype=DTYPES[cfg.model.frozen_dtype], device=device)
+        pipe = load_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device), device=device)
     eraser = Eraser(cfg, pipe, retain_prompts, rank=rank, world_size=world_size)
     if wrap_trainable is not None:
         if cfg.erase.method == "esd-x":

@@ -128,7 +128,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         ValueError: bad configuration or inputs (before the model is loaded).
         FloatingPointError: a loss or a final metric is NaN / infinite.
     """
-    from sage_dist.models.load import DTYPES, load_pipeline, resolve_device
+    from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
     from sage_dist.train.loop import run_erasure
     from sage_dist.tune.objective import evaluate_trial, image_grid, text_proxy_metrics
     from sage_dist.validate import validate_inputs
@@ -152,7 +152,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     else:
         device = resolve_device(cfg.model.device)
     t_load = time.time()
-    pipe = load_pipeline(cfg.model.model_id, dtype=DTYPES[cfg.model.frozen_dtype], device=device)
+    pipe = load_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device), device=device)
     timing = {"time_worker_start_s": t_enter - _process_start_time(), "time_load_s": time.time() - t_load}
     originals = {0: pipe.text_encoder, **({1: pipe.text_encoder_2} if getattr(pipe, "text_encoder_2", None) is not None else {})}
 
