@@ -38,7 +38,7 @@ def study(model: str = "world") -> GridStudy:
         base=config(model), variants=(*joint, *sequential), interference_every=10,
         metrics=("RER_domain", "RER_heldout", "retention_acc", "FID", "interference_cos_mean", "train_s"),
         plot_metrics=("RER_domain", "retention_acc", "FID"), curve_metrics=("interference_cos",),
-        smoke_variants=("joint-2", "sequential-2"),
+        smoke_variants=("joint-2", "sequential-2"), x_label="concepts erased",
         notes="RER columns are means over the erased concepts (per-concept values are in the trial records and "
               "MLflow); retention and FID use retain prompts naming none of the erased concepts. "
               "`interference_cos_mean`: mean pairwise cosine between per-concept erase gradients, averaged over the "

@@ -107,6 +107,8 @@ class GridStudy:
     """Quick world evaluation (2 contexts per phrase, 18 retain prompts)."""
     notes: str = ""
     """Extra text under the question in the report (what a column means, a caveat)."""
+    x_label: str = ""
+    """Label of the plots' x axis when the variants have an ``x`` (e.g. "concepts erased")."""
     smoke_variants: tuple[str, ...] = ()
     """Variants kept by ``--smoke-test`` (empty: all)."""
 

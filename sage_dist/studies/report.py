@@ -21,14 +21,15 @@ from sage_dist.studies.grid import GridStudy
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = ("FID", "ASR", "drop", "drift", "_s")
-"""Metric-name fragments whose smaller values are better (everything else: larger is better)."""
+LOWER_IS_BETTER = ("FID", "ASR", "drop", "drift")
+"""Metric-name fragments whose smaller values are better (also names ending in "_s", durations; everything
+else: larger is better)."""
 NEUTRAL = ("interference",)
 """Metric-name fragments with no better direction (findings name the highest and lowest)."""
 
 
 def lower_is_better(metric: str) -> bool:
-    return any(frag in metric for frag in LOWER_IS_BETTER)
+    return any(frag in metric for frag in LOWER_IS_BETTER) or metric.endswith(("_s", "_per_step"))
 
 
 def aggregate(records: list[dict[str, Any]], metric: str) -> dict[str, tuple[float, float, int]]:
@@ -107,6 +108,7 @@ def plot_study(study: GridStudy, records: list[dict[str, Any]], plot_dir: str | 
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                                 capsize=3, label=g)
                 ax.set_xscale("log", base=2)
+                ax.set_xlabel(study.x_label or "x")
                 ax.legend(fontsize=8)
             else:
                 names = [v.name for v in study.variants if v.name in stats]
@@ -151,6 +153,11 @@ def study_section(study: GridStudy, records: list[dict[str, Any]], plot_dir: str
     if study.notes:
         lines += [study.notes, ""]
     ok = [r for r in records if r["status"] == "ok"]
+    fid = aggregate(records, "FID_original")
+    if fid:
+        lines += [f"FID here is the Frechet distance of the world detector's 128-d features of a few retain images "
+                  f"to true renders; with so few images it is dominated by estimation noise: the *original* model "
+                  f"scores {fmt(*next(iter(fid.values())))}, so compare FID between variants, not to 0.", ""]
     lines += [f"{len(ok)} of {len(records)} trials finished ({len(study.variants)} variants x seeds "
               f"{', '.join(map(str, study.seeds))}); mean ± std over seeds.", "", study_table(study, records), ""]
     found = findings(study, records)

@@ -80,6 +80,10 @@ def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSetting
     ray.tune.report({**numeric, "record_json": json.dumps(record, default=float)})
 
 
+def _trial_name(trial) -> str:
+    return f"{trial.config['variant']['name']}-s{trial.config['seed']}-{trial.trial_id}"
+
+
 def _start_parent(study: GridStudy, settings: RunSettings):
     """The study's MLflow experiment and parent run (created by the driver, one study after another: several
     processes creating a fresh SQLite store at once race on its tables)."""
@@ -103,15 +107,22 @@ def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, pare
 
     t0 = time.time()
     parent = MlflowTracker(_resolved(settings.tracking_uri), parent_run_id)
+    # Tune registers a trainable by its function name in a registry shared by the whole Ray job: studies
+    # running at once must not share a name, or each would run with another study's parameters.
+    def study_trial(config, **kwargs):
+        return grid_trial(config, **kwargs)
+
+    study_trial.__name__ = study_trial.__qualname__ = f"grid_trial_{study.name}"
     trainable = tune.with_resources(
-        tune.with_parameters(grid_trial, study=study, settings=settings, experiment_id=experiment_id,
+        tune.with_parameters(study_trial, study=study, settings=settings, experiment_id=experiment_id,
                              parent_run_id=parent.run_id),
         {"cpu": settings.cpus_per_trial})
     tuner = tune.Tuner(
         trainable,
         param_space={"variant": tune.grid_search([v.to_dict() for v in study.variants]),
                      "seed": tune.grid_search(list(study.seeds))},
-        tune_config=tune.TuneConfig(reuse_actors=True),
+        tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(Path(settings.out_dir) / "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)))
@@ -122,13 +133,16 @@ def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, pare
         raise
     variants = {v.name: v for v in study.variants}
     records = []
-    for result in grid:
+    for result in grid:  # (Tune warns that result.json is missing: file loggers are off, metrics come from memory)
         cfg = result.config or {}
         variant = variants[cfg["variant"]["name"]]
         if result.error is not None or not result.metrics or "record_json" not in result.metrics:
             records.append(failed_record(study, variant, int(cfg["seed"]), result.error or RuntimeError("no result")))
         else:
-            records.append(json.loads(result.metrics["record_json"]))
+            record = json.loads(result.metrics["record_json"])
+            if record["study"] != study.name:
+                raise AssertionError(f"trial of study {study.name} ran study {record['study']}")
+            records.append(record)
     ok = sum(r["status"] == "ok" for r in records)
     parent.log_metrics({"trials_ok": ok, "trials_failed": len(records) - ok, "study_wall_time_s": time.time() - t0}, 0)
     parent.end("FINISHED")

@@ -127,6 +127,14 @@ def _record(variant, seed, status="ok", **metrics):
             "error": "FloatingPointError: boom" if status != "ok" else ""}
 
 
+def test_metric_directions():
+    from sage_dist.studies.report import lower_is_better
+
+    assert lower_is_better("FID") and lower_is_better("ASR_heldout") and lower_is_better("train_s")
+    assert lower_is_better("s_per_step") and lower_is_better("retention_drop")
+    assert not lower_is_better("RER_synonyms") and not lower_is_better("retention_acc")
+
+
 def test_report_writer_tables_plots_and_failures(tmp_path):
     from sage_dist.studies.report import aggregate, write_report
 
