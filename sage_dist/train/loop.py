@@ -27,21 +27,12 @@ from tqdm.auto import tqdm
 
 from sage_dist.config import StudyConfig
 from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
+from sage_dist.tracking import NullTracker
 from sage_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from sage_dist.train.step import Eraser
 from sage_dist.validate import validate_inputs
 
 log = logging.getLogger(__name__)
-
-
-class NullTracker:
-    """Do-nothing tracker (STYLE.md): ``log_metrics`` and ``log_params`` accept and drop everything."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def log_params(self, params: dict) -> None:
-        pass
 
 
 @dataclass
