@@ -14,8 +14,8 @@ the answer is the Pareto front, printed as a table and logged to MLflow with Opt
         --optim.num_steps=1000 --optim.lr=1e-5 --erase.ddim_steps=50 --retain.retain_batch_size=32
 
 Per-trial budget on the world (2 cores): 48 steps at lr 1e-3 (the world's encoder is tiny and moves fast;
-the spec's 1000 steps at 1e-5 is for SD), 20-step DDIM rollouts, 8 retain prompts per step, the quick
-world evaluation.
+the spec's 1000 steps at 1e-5 is for SD), 20-step DDIM rollouts drawn from the trajectory bank
+(``erase.rollout_cache``, issue 8), 8 retain prompts per step, the quick world evaluation.
 """
 
 from sage_dist.config import (AttackConfig, EraseConfig, ModelConfig, OptimConfig, RetainConfig, ScalingConfig,
@@ -29,7 +29,7 @@ SPACE = SageSpace(retain_loss_weight=(0.1, 10.0), attack_steps=(1, 30), top_k=(1
 def config() -> StudyConfig:
     return StudyConfig(
         model=ModelConfig(model_id="world"),
-        erase=EraseConfig(erase_concept=("triangle",), ddim_steps=20, warmup_steps=12),
+        erase=EraseConfig(erase_concept=("triangle",), ddim_steps=20, warmup_steps=12, rollout_cache=True),
         attack=AttackConfig(attack_steps=10),
         retain=RetainConfig(retain_batch_size=8, top_k=2),
         optim=OptimConfig(num_steps=48, lr=1e-3),
