@@ -18,9 +18,10 @@ WORLD_BUDGET = {"optim.num_steps": 30, "erase.warmup_steps": 10, "attack.attack_
 samples with 20 steps). The rollout cache is off: its trajectory bank only pays back after hundreds of steps."""
 
 
-def study_base(model: str, concepts: tuple[str, ...], **overrides) -> StudyConfig:
-    """The base config of a study: the world budget on the world, the spec defaults elsewhere."""
+def study_base(model: str, concepts: tuple[str, ...], *, world: dict | None = None, **overrides) -> StudyConfig:
+    """The base config of a study: the world budget (updated with ``world``) on the world, the spec defaults
+    elsewhere; ``overrides`` (dotted keys) apply to every model."""
     flat = {"model.model_id": model, "erase.erase_concept": concepts}
     if is_world_model(model):
-        flat.update(WORLD_BUDGET)
+        flat.update({**WORLD_BUDGET, **(world or {})})
     return StudyConfig().replace_flat({**flat, **overrides})
