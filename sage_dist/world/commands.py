@@ -38,8 +38,9 @@ def _add_train(sub) -> None:
     p.add_argument("--init-from", default="", help="fine-tune from a pipeline folder (skips the VAE phase)")
     p.add_argument("--freeze-text-encoder", action="store_true", help="train only the SD UNet")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR weighting (0: plain eps MSE)")
-    p.add_argument("--low-noise-fraction", type=float, default=0.0)
-    p.add_argument("--low-noise-max-t", type=int, default=400)
+    p.add_argument("--focus-fraction", type=float, default=0.0, help="share of timesteps drawn from --focus-t-range")
+    p.add_argument("--focus-t-range", type=int, nargs=2, default=(600, 1000))
+    p.add_argument("--high-noise-weight-cap", type=float, default=0.0, help="weight eps loss by clamp(1/snr, 1, cap)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     p.set_defaults(world_fn=_run_train)
@@ -53,7 +54,8 @@ def _run_train(args) -> int:
         twin_steps=args.twin_steps, vae_steps=args.vae_steps, num_images=args.num_images,
         batch_size=args.batch_size, lr=args.lr, checkpoint_minutes=args.checkpoint_minutes, device=args.device,
         init_from=args.init_from, train_text_encoder=not args.freeze_text_encoder, min_snr_gamma=args.min_snr_gamma,
-        low_noise_fraction=args.low_noise_fraction, low_noise_max_t=args.low_noise_max_t,
+        focus_fraction=args.focus_fraction, focus_t_range=tuple(args.focus_t_range),
+        high_noise_weight_cap=args.high_noise_weight_cap,
         warmup_steps=args.warmup_steps,
     )
     summary = train_world(cfg, args.out, resume=args.resume)

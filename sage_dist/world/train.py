@@ -70,9 +70,12 @@ class WorldTrainConfig:
     """Fine-tune: a pipeline folder whose VAE, text encoder and UNet start the SD phase (VAE phase skipped)."""
     train_text_encoder: bool = True
     """False freezes the SD text encoder (keeps an SDXL twin's encoder 1 identical to it when fine-tuning)."""
-    low_noise_fraction: float = 0.0
-    """Fraction of each batch whose timesteps are drawn from [0, low_noise_max_t) instead of [0, 1000)."""
-    low_noise_max_t: int = 400
+    focus_fraction: float = 0.0
+    """Fraction of each batch whose timesteps are drawn from ``focus_t_range`` instead of [0, 1000)."""
+    focus_t_range: tuple[int, int] = (600, 1000)
+    high_noise_weight_cap: float = 0.0
+    """If > 0, weight each sample's eps loss by clamp(1 / snr, 1, cap): emphasises getting x0 right at high noise,
+    where the world's textures are decided (the fine-tune that fixed striped vs checkered)."""
 
     def __post_init__(self) -> None:
         if self.minutes <= 0 and self.steps <= 0:
@@ -264,9 +267,9 @@ class _Trainer:
             x0 = self.latents[torch.from_numpy(idx).to(self.latents.device)]
             noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
             timesteps = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
-            num_low = int(round(cfg.low_noise_fraction * cfg.batch_size))
-            if num_low:
-                timesteps[:num_low] = torch.randint(0, cfg.low_noise_max_t, (num_low,), generator=gen)
+            num_focus = int(round(cfg.focus_fraction * cfg.batch_size))
+            if num_focus:
+                timesteps[:num_focus] = torch.randint(*cfg.focus_t_range, (num_focus,), generator=gen)
             timesteps = timesteps.to(cfg.device)
             noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
             for g in self.opt.param_groups:
@@ -276,6 +279,9 @@ class _Trainer:
             per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
             if cfg.min_snr_gamma > 0:
                 per_sample = per_sample * _min_snr_weight(self.alphas_cumprod, timesteps, cfg.min_snr_gamma)
+            if cfg.high_noise_weight_cap > 0:
+                a = self.alphas_cumprod[timesteps]
+                per_sample = per_sample * torch.clamp((1.0 - a) / a, 1.0, cfg.high_noise_weight_cap)
             loss = per_sample.mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
