@@ -55,7 +55,8 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> No
     fixed = _FixedDraw(eraser.sampler)
     mean_rollout = (eraser.sampler.ddim_steps - 1) / 2
     out: dict[str, float] = {}
-    eraser.train_step(0)  # warm-up call (caches, allocations; fills the bank for the fast path)
+    if model != "sd14-shape":  # warm-up call (caches, allocations); negligible at SD scale
+        eraser.train_step(0)
     if name == "sage_cyclic_fast":
         state = (eraser.generator.get_state(), eraser.shared_generator.get_state(), eraser.retain_sampler.state())
         eraser.train_step(1)  # fills the bank entries this step draws
