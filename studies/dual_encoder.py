@@ -18,8 +18,13 @@ from sage_dist.studies.cli import main
 from sage_dist.studies.concepts import single_concept
 from sage_dist.studies.grid import GridStudy, Variant
 
-SOURCE = {"world-xl": "world", "stabilityai/stable-diffusion-xl-base-1.0": "CompVis/stable-diffusion-v1-4"}
-"""SD model whose first encoder the SDXL model shares (transfer test); other models: give --source-model."""
+SOURCE = {"world-xl": "world", "stabilityai/stable-diffusion-xl-base-1.0": "CompVis/stable-diffusion-v1-4",
+          "tiny-sdxl": "tiny-sd"}
+"""SD model whose first encoder has the SDXL model's first-encoder shape (transfer test; tiny: tests only)."""
+
+
+XL_TWIN = {source: xl for xl, source in SOURCE.items()}
+"""An SD model given with --model (e.g. by open_questions.py) runs this study on its SDXL counterpart."""
 
 
 def config(model: str = "world-xl") -> StudyConfig:
@@ -27,6 +32,7 @@ def config(model: str = "world-xl") -> StudyConfig:
 
 
 def study(model: str = "world-xl") -> GridStudy:
+    model = XL_TWIN.get(model, model)
     variants = [Variant(name="encoder1", overrides={"model.train_encoders": (0,)}),
                 Variant(name="encoder2", overrides={"model.train_encoders": (1,)}),
                 Variant(name="both", overrides={"model.train_encoders": (0, 1)})]

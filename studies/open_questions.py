@@ -8,7 +8,7 @@ a time), logs each to its own MLflow experiment (``open_questions.<study>``) and
 Command (bundled world, 57 trials):  python studies/open_questions.py
 Smoke test (<= 5 min on 2 cores):    python studies/open_questions.py --smoke-test --report /tmp/oq_smoke.md
 Real models (GPU cluster):           python studies/open_questions.py --model CompVis/stable-diffusion-v1-4
-                                     (the dual-encoder study then needs --model of an SDXL id: run it alone)
+                                     (the dual-encoder study runs on its SDXL counterpart, SDXL base 1.0)
 Expected runtime: <= 45 min on 2 cores (world), measured per-trial costs in the README's studies section.
 """
 

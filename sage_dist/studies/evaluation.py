@@ -15,7 +15,7 @@ which the detector still finds the concept: ``1 - erasure_rate_heldout``.
 
 On other models (SD v1.4, SDXL ids or folders) no image metric runs on CPU here; :func:`text_metrics` gives the
 text-space proxy of :mod:`sage_dist.tune.objective` (``text_erasure``, ``text_retention_drift``), never under
-image-metric names.
+image-metric names; an ESD-x (UNet) edit has no text-space proxy, so its metrics there are only timings.
 """
 
 from __future__ import annotations

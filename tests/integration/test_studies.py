@@ -1,9 +1,11 @@
 """Open-question studies (``studies/*.py``, ``sage_dist/studies``): smoke paths, report writer, mined library.
 
 Default set (not slow, ~1-2 min): the mined template library's constraints, the report writer on hand-made
-records, the interference measure, each study's smoke grid, and one smoke trial of every study in-process on
-the bundled world. ``slow``: every study's full ``--smoke-test --local``; ``ray`` + ``slow``: all four smoke
-studies launched concurrently on a local Ray instance with an MLflow SQLite store.
+records, the interference measure, each study's grid and smoke grid, every smoke variant of every study on
+random tiny models (text-space metrics), and two smoke trials on the bundled world (template library from
+COCO; ESD-x). ``slow``: the other world smoke trials and every study's full ``--smoke-test --local``;
+``ray`` + ``slow``: all four smoke studies launched concurrently on a local Ray instance with an MLflow SQLite
+store.
 """
 
 from __future__ import annotations
@@ -180,6 +182,9 @@ def test_studies_design_for_real_models():
     assert multi.base.optim.num_steps == 1000  # the spec's budget, not the world's
     dual = load_study_module("dual_encoder").study("stabilityai/stable-diffusion-xl-base-1.0")
     assert dual.variants[-1].source_model == "CompVis/stable-diffusion-v1-4"
+    twin = load_study_module("dual_encoder").study("CompVis/stable-diffusion-v1-4")  # open_questions --model SD
+    assert twin.base.model.model_id == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert load_study_module("dual_encoder").study("world").base.model.model_id == "world-xl"
 
 
 def test_cli_overrides_and_seeds_reach_every_study():
@@ -192,29 +197,71 @@ def test_cli_overrides_and_seeds_reach_every_study():
         prepare([load_study_module("frozen_unet").study], ["--optim.bogus=1"], "d")
 
 
-# ---- smoke trials on the bundled world --------------------------------------------------------------------
-@needs_world
+# ---- smoke trials ------------------------------------------------------------------------------------------
+TINY_MODELS = {"multi_concept": "tiny-sd", "dual_encoder": "tiny-sdxl", "template_bias": "tiny-sd",
+               "frozen_unet": "tiny-sd"}
+
+
 @pytest.mark.parametrize("name", STUDY_FILES)
-def test_one_smoke_trial_per_study(name, tmp_path):
-    """The first smoke variant of each study, one trial in-process (pipelines cached across the module)."""
+def test_smoke_trials_on_tiny_models(name):
+    """Every smoke variant of each study on a random tiny model (every procedure; text-space proxy metrics)."""
+    from sage_dist.studies.cli import smoke_version
+    from sage_dist.studies.grid import execute_trial
+
+    study = smoke_version(load_study_module(name).study(TINY_MODELS[name]))
+    for variant in study.variants:
+        record = execute_trial(study, variant, 0)
+        m = record["metrics"]
+        assert record["status"] == "ok"
+        assert {"train_s", "trial_cpu_s"} <= set(m), sorted(m)
+        if record["config"]["erase.method"] != "esd-x":  # a UNet edit leaves the text proxy nothing to measure
+            assert {"text_erasure", "text_retention_drift"} <= set(m), sorted(m)
+        if variant.procedure == "sequential":
+            assert [s for s, _ in record["curves"]["interference_cos"]] == [0, 4, 8]
+        if name == "multi_concept" and variant.procedure == "erase":
+            assert [s for s, _ in record["curves"]["interference_cos"]] == [0, 2, 4, 6, 8]
+        json.dumps(record)
+
+
+def _world_smoke_trial(name: str, variant_name: str) -> dict:
     from sage_dist.studies.cli import smoke_version
     from sage_dist.studies.grid import execute_trial
 
     study = smoke_version(load_study_module(name).study())
-    variant = study.variants[-1]
-    record = execute_trial(study, variant, 0)
+    record = execute_trial(study, next(v for v in study.variants if v.name == variant_name), 0)
     m = record["metrics"]
     assert record["status"] == "ok"
-    for key in ("RER_domain", "retention_acc", "FID", "train_s", "eval_s"):
+    for key in ("RER_domain", "RER_heldout", "ASR_heldout", "retention_acc", "FID", "train_s", "eval_s"):
         assert key in m
     assert 0.0 <= m["retention_acc"] <= 1.0
-    if variant.procedure == "transfer":
-        assert "source_RER_domain" in m
-    if variant.procedure == "sequential":
-        assert [s for s, _ in record["curves"]["interference_cos"]] == [0, 4, 8]
-    if name == "frozen_unet":
-        assert m["RER_domain_after_encoder_swap"] == m["RER_domain"]  # the ESD-x variant
     json.dumps(record)
+    return record
+
+
+@needs_world
+def test_world_smoke_trial_template_bias_mined_library():
+    m = _world_smoke_trial("template_bias", "mined-coco")["metrics"]
+    assert m["ASR_heldout"] == pytest.approx(1 - m["erasure_rate_heldout"])
+
+
+@needs_world
+def test_world_smoke_trial_frozen_unet_esdx():
+    m = _world_smoke_trial("frozen_unet", "esd-x-striped")["metrics"]
+    assert m["RER_domain_after_encoder_swap"] == m["RER_domain"]  # a UNet edit survives the encoder swap
+
+
+@pytest.mark.slow
+@needs_world
+def test_world_smoke_trial_multi_concept_sequential():
+    record = _world_smoke_trial("multi_concept", "sequential-2")
+    assert "triangle/RER_domain" in record["metrics"] and "red/RER_domain" in record["metrics"]
+    assert [s for s, _ in record["curves"]["interference_cos"]] == [0, 4, 8]
+
+
+@pytest.mark.slow
+@needs_world
+def test_world_smoke_trial_dual_encoder_transfer():
+    assert "source_RER_domain" in _world_smoke_trial("dual_encoder", "transfer-from-sd")["metrics"]
 
 
 @pytest.mark.slow
