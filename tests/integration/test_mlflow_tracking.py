@@ -38,7 +38,7 @@ def test_unreachable_server_fails_fast_with_a_clear_error():
 
 
 def test_worker_without_ray_logs_into_a_nested_run(tmp_path):
-    from conftest import tiny_config
+    from tests.conftest import tiny_config
     from sage_dist.train.ray_worker import WorkerRun, train_fn_per_worker, worker_config
 
     target = resolve_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
