@@ -28,7 +28,7 @@ def test_flat_dict_round_trip():
     ("--optim.lr=-1", "optim.lr=-1.0: the learning rate must be > 0"),
     ("--optim.num_steps=0", "optim.num_steps=0: must be >= 1"),
     ("--optim.num_steps=2.5", "expected an integer"),
-    ("--erase.method=foo", "allowed values are \\['sage', 'esd', 'advunlearn'\\]"),
+    ("--erase.method=foo", "allowed values are \\['sage', 'esd', 'advunlearn', 'esd-x'\\]"),
     ("--retain.top_k=40", "top_k=40 is larger than retain.retain_batch_size=32"),
     ("--erase.erase_concept=", "erase_concept is empty"),
     ("--attack.attack_lr=0", "attack.attack_lr=0.0: must be > 0"),
