@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sage_dist.attack.prompt import AttackPrompt, clip_token_norms
+from sage_dist.attack.prompt import AttackPrompt, attack_update, clip_token_norms
 from sage_dist.config import AttackConfig
 from sage_dist.losses.attack import attack_loss, h1_concept_similarity, h2_not_erased
 from sage_dist.models.text import TextConditioner
@@ -81,14 +81,7 @@ def inside_out_attack(conditioner: TextConditioner, prompt: AttackPrompt, concep
         grads = torch.autograd.grad(loss, leaves)
         losses.append(loss.item())
         with torch.no_grad():
-            if optimizer is not None:
-                for leaf, g in zip(leaves, grads):
-                    leaf.grad = g
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                for leaf, g in zip(leaves, grads):
-                    leaf -= cfg.attack_lr * g.sign()
+            attack_update(leaves, grads, optimizer, attack_lr=cfg.attack_lr)
             if cfg.norm_clip:
                 for e, leaf in zip(conditioner.train_encoders, leaves):
                     leaf.copy_(clip_token_norms(leaf, max_norms[e]))

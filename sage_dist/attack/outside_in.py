@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sage_dist.attack.inside_out import AttackResult
-from sage_dist.attack.prompt import AttackPrompt, clip_token_norms
+from sage_dist.attack.prompt import AttackPrompt, attack_update, clip_token_norms
 from sage_dist.config import AttackConfig
 from sage_dist.models.text import Conditioning, TextConditioner
 from sage_dist.train.rollout import DiffusionSampler
@@ -47,14 +47,7 @@ def outside_in_attack(conditioner: TextConditioner, sampler: DiffusionSampler, p
         grads = torch.autograd.grad(loss, leaves)
         losses.append(loss.item())
         with torch.no_grad():
-            if optimizer is not None:
-                for leaf, g in zip(leaves, grads):
-                    leaf.grad = g
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                for leaf, g in zip(leaves, grads):
-                    leaf -= cfg.attack_lr * g.sign()
+            attack_update(leaves, grads, optimizer, attack_lr=cfg.attack_lr)
             for e, leaf in zip(conditioner.train_encoders, leaves):
                 if cfg.outside_in_radius > 0:
                     delta = clip_token_norms(leaf - init[e], cfg.outside_in_radius)

@@ -112,3 +112,17 @@ def clip_token_norms(tokens: Tensor, max_norm: float) -> Tensor:
     """Rescale rows of ``tokens`` ``[m, D]`` whose L2 norm exceeds ``max_norm``; returns a new tensor."""
     norms = tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return tokens * torch.clamp(max_norm / norms, max=1.0)
+
+
+def attack_update(leaves: list[Tensor], grads: tuple[Tensor, ...], optimizer: torch.optim.Optimizer | None, *,
+                  attack_lr: float) -> None:
+    """One attack step on the token leaves (in place, under ``no_grad``): the optimiser's step with ``grads``,
+    or a signed-gradient step of ``attack_lr`` when ``optimizer`` is None (AdvUnlearn's fast_at)."""
+    if optimizer is not None:
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        for leaf, g in zip(leaves, grads):
+            leaf -= attack_lr * g.sign()
