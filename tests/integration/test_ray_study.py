@@ -4,6 +4,7 @@ driver is killed mid-run resumed without losing or repeating the finished trial.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -155,7 +156,19 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, local
                 break
             time.sleep(2)
         assert finished, (tmp_path / "driver.log").read_text()[-3000:]
-        time.sleep(3)  # let Tune write its experiment state with the finished trial
+        # kill only once Tune's saved experiment state records the trial as finished (under load the state is
+        # written seconds after the trial's result; killing earlier legitimately re-runs the trial)
+        trial_id = finished[0].parent.name.split("_")[2]
+        saved = False
+        while time.time() < deadline + 120 and not saved:
+            for state in tmp_path.glob("tiny-*/experiment_state-*.json"):
+                try:
+                    entries = json.loads(state.read_text())["trial_data"]
+                except (ValueError, KeyError):
+                    continue  # being written
+                saved = saved or any(trial_id in json.dumps(e) and "TERMINATED" in json.dumps(e) for e in entries)
+            time.sleep(1)
+        assert saved, "Tune never saved the finished trial's state"
     finally:
         _stop_group(driver)  # the driver "crashes": its whole process group, local Ray included, goes
 
