@@ -148,8 +148,9 @@ def connect_ray(address: str, *, num_cpus: int | None = None) -> str:
     if address == "local":
         for attempt in range(3):  # Ray waits a fixed 30 s for its raylet, too short on an overloaded machine
             try:
+                # a local instance listens on loopback only (it serves no other machine)
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                         runtime_env=runtime_env, logging_level=logging.WARNING)
+                         runtime_env=runtime_env, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
                 break
             except Exception as err:
                 if "timed out during startup" not in str(err) or attempt == 2:
