@@ -21,6 +21,7 @@ cluster).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,13 @@ import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def one_point(weight: float, trial) -> dict:
+    """A search space with a single point (every trial is the same trial); module-level so Optuna's
+    searcher state pickles."""
+    trial.suggest_float("retain.retain_loss_weight", weight, weight)
+    return {}
 
 
 def main() -> None:
@@ -72,12 +80,8 @@ def main() -> None:
     where = connect_ray("local")
     ray_init = time.perf_counter() - t0
 
-    def one_point(trial):  # a search space with a single point: every trial is the same trial
-        trial.suggest_float("retain.retain_loss_weight", cfg.retain.retain_loss_weight, cfg.retain.retain_loss_weight)
-        return {}
-
     t0 = time.perf_counter()
-    out = execute(cfg, one_point, StudyOptions(name="ray_overhead", num_samples=args.trials, storage=tmp,
+    out = execute(cfg, functools.partial(one_point, cfg.retain.retain_loss_weight), StudyOptions(name="ray_overhead", num_samples=args.trials, storage=tmp,
                                                ray_address="local", max_concurrent=1))
     study_wall = time.perf_counter() - t0
     per_trial = study_wall / args.trials
