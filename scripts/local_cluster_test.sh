@@ -204,10 +204,14 @@ EOF
         kill -KILL -- "-$mpid" 2>/dev/null || true
     fi
 
-    # 4. nothing of Ray is left (this namespace's /proc lists only our own processes)
-    sleep 2
-    local left
-    left="$(ps -eo pid=,args= | grep -E 'gcs_server|raylet|dashboard|ray/autoscaler|ray/_private|ray::|default_worker|log_monitor|runtime_env' | grep -v grep || true)"
+    # 4. nothing of Ray is left (this namespace's /proc lists only our own processes); `ray down` returns
+    #    before its processes have exited, so poll for up to 20 s instead of a fixed wait
+    local left pattern='gcs_server|raylet|dashboard|ray/autoscaler|ray/_private|ray::|default_worker|log_monitor|runtime_env'
+    for _ in $(seq 1 100); do
+        left="$(ps -eo pid=,args= | grep -E "$pattern" | grep -v grep || true)"
+        [ -z "$left" ] && break
+        sleep 0.2
+    done
     if [ -n "$left" ]; then
         log "Ray processes left after ray down:"; printf '%s\n' "$left" >&2; rc=1
     else
