@@ -41,7 +41,7 @@ def world_asr(pipe, erased_text_encoder, *, concept: str, seed: int = 0, attack_
     from sage_dist.eval.prompts import PromptRecord
     from sage_dist.world.concepts import concept_domain
     from sage_dist.world.detector import load_detector
-    from sage_dist.world.evaluate import _with_text_encoder, domain_prompt_sets
+    from sage_dist.world.evaluate import domain_prompt_sets, edited_pipeline
     from sage_dist.world.generate import generate, sampling_defaults
 
     dom = concept_domain(concept)
@@ -51,7 +51,7 @@ def world_asr(pipe, erased_text_encoder, *, concept: str, seed: int = 0, attack_
     steps = num_inference_steps or default_steps
     prompts = domain_prompt_sets(concept, per_phrase)["heldout"]
     detector = load_detector()
-    erased_pipe = _with_text_encoder(pipe, erased_text_encoder)
+    erased_pipe = edited_pipeline(pipe, erased_text_encoder)
     pre = _shows_concept(detector, generate(erased_pipe, prompts, seed=seed, guidance=guidance,
                                             num_inference_steps=steps), dom.attribute, concept)
     attack = build_eval_attack(pipe, pipe.text_encoder, erased_text_encoder, concept=concept,

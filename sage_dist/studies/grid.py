@@ -2,7 +2,7 @@
 
 A study file (``studies/*.py``) describes its question as a :class:`GridStudy`: a base ``StudyConfig`` and
 :class:`Variant` s (dotted overrides plus a procedure). This module runs one trial *without Ray*
-(:func:`execute_trial`); :mod:`sage_dist.studies.runner` runs the grids as Ray Tune experiments, and
+(:func:`execute_trial`); :mod:`sage_dist.tune.grid_runner` runs the grids as Ray Tune experiments, and
 :mod:`sage_dist.studies.report` turns the trial records into the Markdown report.
 
 Procedures (generic; the library never branches on a study's name):
@@ -157,13 +157,13 @@ def load_model(model_id: str):
 
 
 # ---- one trial -----------------------------------------------------------------------------------------
-def _evaluate(cfg: StudyConfig, original, edited, encoders: dict[int, torch.nn.Module], *, quick: bool,
-              key: str) -> dict[str, float]:
+def _evaluate(cfg: StudyConfig, original, encoders: dict[int, torch.nn.Module], unet=None, *,
+              quick: bool) -> dict[str, float]:
     from sage_dist.studies.evaluation import evaluate_edit, is_world, text_metrics
 
     if is_world(cfg.model.model_id):
-        return evaluate_edit(original, edited, concepts=cfg.erase.erase_concept, seed=cfg.optim.seed, quick=quick,
-                             original_key=key)
+        return evaluate_edit(cfg.model.model_id, concepts=cfg.erase.erase_concept, text_encoders=encoders, unet=unet,
+                             seed=cfg.optim.seed, quick=quick)
     return text_metrics(cfg, original, encoders) if encoders else {}
 
 
@@ -201,10 +201,10 @@ def execute_trial(study: GridStudy, variant: Variant, seed: int, *, tracker=None
         ValueError: bad config (before loading a model).
         FloatingPointError: a loss became NaN/inf.
     """
-    from sage_dist.studies.evaluation import edited_pipeline
     from sage_dist.studies.interference import InterferenceProbe
     from sage_dist.tracking import NullTracker
     from sage_dist.train.loop import run_erasure
+    from sage_dist.world.evaluate import edited_pipeline
 
     tracker = tracker or NullTracker()
     torch.set_flush_denormal(True)
@@ -232,7 +232,7 @@ def execute_trial(study: GridStudy, variant: Variant, seed: int, *, tracker=None
         encoders, unet, steps = {}, None, 0
         for k, concept in enumerate(concepts):
             stage_cfg = cfg.replace_flat({"erase.erase_concept": (concept,)})
-            stage_pipe = edited_pipeline(pipe, text_encoders=encoders) if encoders else pipe
+            stage_pipe = edited_pipeline(pipe, encoders) if encoders else pipe
             result = run_erasure(stage_cfg, pipe=stage_pipe, tracker=_Offset(tracker, steps), progress=False)
             encoders = {e: m.requires_grad_(False) for e, m in result.text_encoders.items()}
             steps += cfg.optim.num_steps
@@ -249,13 +249,11 @@ def execute_trial(study: GridStudy, variant: Variant, seed: int, *, tracker=None
         result = run_erasure(source_cfg, pipe=source_pipe, tracker=tracker, progress=False)
         encoders, unet = {0: result.text_encoders[0]}, None
         train_s, steps = time.time() - t1, source_cfg.optim.num_steps
-        source_metrics = _evaluate(source_cfg, source_pipe, edited_pipeline(source_pipe, text_encoders=encoders),
-                                   encoders, quick=study.quick_eval, key=f"{variant.source_model}")
+        source_metrics = _evaluate(source_cfg, source_pipe, encoders, quick=study.quick_eval)
         metrics.update({f"source_{k}": v for k, v in source_metrics.items()})
 
     t2, c2 = time.time(), time.process_time()
-    edited = edited_pipeline(pipe, text_encoders=encoders, unet=unet)
-    metrics.update(_evaluate(cfg, pipe, edited, encoders, quick=study.quick_eval, key=cfg.model.model_id))
+    metrics.update(_evaluate(cfg, pipe, encoders, unet, quick=study.quick_eval))
     if "RER_domain" in metrics:
         # White-box swap-back (spec §5.4): restoring the original text encoder undoes a text-encoder-only edit
         # exactly (the pipeline is then the original, RER 0); a UNet edit (ESD-x) is untouched by it.

@@ -109,10 +109,18 @@ def domain_prompt_sets(concept: str, per_phrase: int) -> dict[str, list[str]]:
     return out
 
 
-def retain_subset(concept: str, num: int) -> tuple[list[str], list[dict[str, str]]]:
-    """``num`` retain prompts evenly spaced over :func:`retain_prompts` and their attribute labels."""
-    prompts = retain_prompts(concept)
-    idx = np.linspace(0, len(prompts) - 1, min(num, len(prompts))).round().astype(int)
+def retain_subset(concepts: str | tuple[str, ...], num: int) -> tuple[list[str], list[dict[str, str]]]:
+    """``num`` retain prompts naming none of ``concepts``, evenly spaced over :func:`retain_prompts`, and their
+    attribute labels ({"shape", "colour", "texture"} -> value).
+
+    Raises:
+        ValueError: unknown concept, or ``concepts`` leave fewer than 2 retain prompts.
+    """
+    excluded = (concepts,) if isinstance(concepts, str) else tuple(concepts)
+    prompts = [p for p in retain_prompts(excluded[0]) if not set(excluded) & set(p[2:].split(" ", 2))]
+    if len(prompts) < 2:
+        raise ValueError(f"erasing {excluded} leaves fewer than 2 retain prompts; erase fewer concepts")
+    idx = np.unique(np.linspace(0, len(prompts) - 1, min(num, len(prompts))).round().astype(int))
     chosen = [prompts[i] for i in idx]
     labels = []
     for p in chosen:
@@ -123,19 +131,25 @@ def retain_subset(concept: str, num: int) -> tuple[list[str], list[dict[str, str
 
 # ---------------------------------------------------------------- evaluation
 
-def _with_text_encoder(pipe, text_encoder):
-    """A shallow copy of ``pipe`` using ``text_encoder`` (a module for encoder 1, or {0: te1, 1: te2})."""
-    erased = copy.copy(pipe)
-    if isinstance(text_encoder, dict):
-        if 0 in text_encoder:
-            erased.text_encoder = text_encoder[0]
-        if 1 in text_encoder:
-            if not is_xl(pipe):
-                raise ValueError("encoder index 1 given but the pipeline has a single text encoder")
-            erased.text_encoder_2 = text_encoder[1]
-    else:
-        erased.text_encoder = text_encoder
-    return erased
+def edited_pipeline(pipe, text_encoder=None, *, unet: torch.nn.Module | None = None):
+    """A shallow copy of ``pipe`` with its text encoder(s) and/or UNet replaced; ``pipe`` itself is unchanged.
+
+    Args:
+        text_encoder: a module for encoder 1, or {0: te1, 1: te2} (either key optional); None keeps them.
+        unet: an edited UNet (e.g. ESD-x's cross-attention edit); None keeps the original.
+    Raises:
+        ValueError: encoder index 1 given for a pipeline with one text encoder.
+    """
+    edited = copy.copy(pipe)
+    encoders = text_encoder if isinstance(text_encoder, dict) else ({} if text_encoder is None else {0: text_encoder})
+    for e, module in encoders.items():
+        if e == 1 and not is_xl(pipe):
+            raise ValueError("encoder index 1 given but the pipeline has a single text encoder")
+        attr = ("text_encoder", "text_encoder_2")[e]
+        setattr(edited, attr, module.to(dtype=getattr(pipe, attr).dtype))
+    if unet is not None:
+        edited.unet = unet.to(dtype=pipe.unet.dtype)
+    return edited
 
 
 @functools.lru_cache(maxsize=4)
@@ -163,28 +177,42 @@ def _real_features(prompts: tuple[str, ...], num: int) -> np.ndarray:
         return load_detector().features(torch.from_numpy(world_scene.render_batch(scenes))).numpy()
 
 
-def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str, seed: int = 0,
+def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str | tuple[str, ...],
+                   unet: torch.nn.Module | None = None, exclude: tuple[str, ...] = (), seed: int = 0,
                    num_images_per_prompt: int = 1, guidance: float | None = None, quick: bool = False,
                    num_inference_steps: int | None = None, detector=None) -> dict[str, float]:
-    """Erasure metrics of ``text_encoder`` (erased) against the original pipeline on ``concept``.
+    """Erasure metrics of an edited world pipeline against the original on one or several concepts.
+
+    The edit is ``text_encoder`` (erased encoder(s)) and/or ``unet`` (an edited UNet, e.g. ESD-x); with neither,
+    the original is evaluated against itself (RER 0).
 
     Args:
-        pipe_or_model_id: a loaded world pipeline (the original), "world", "world-xl" or a folder.
-        text_encoder: the erased encoder (replaces encoder 1) or {0: te1, 1: te2}; None evaluates the original
-            against itself (RER 0).
-        concept: one of :data:`sage_dist.world.concepts.CONCEPTS`.
+        pipe_or_model_id: a loaded world pipeline (the original), "world", "world-xl" or a folder (a model id
+            caches the original's images in this process).
+        text_encoder: the erased encoder (replaces encoder 1) or {0: te1, 1: te2}.
+        concept: one of :data:`sage_dist.world.concepts.CONCEPTS`, or several (a multi-concept erasure).
+        unet: an edited UNet.
+        exclude: concepts the retain prompts must not name (default: the evaluated concepts); a multi-concept
+            run passes all its erased concepts, so erasing B does not count as a retention loss of A.
         quick: fewer prompts (2 contexts per phrase, 18 retain prompts instead of 4 and 36).
     Returns:
-        {"RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "erasure_rate_*", "retention_acc",
-        "retention_acc_all", "retention_acc_original", "retention_drop", "FID", "FID_original", "alignment",
-        "alignment_original", "seconds"}.
+        {"RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "erasure_rate_*", "concept_rate_original",
+        "retention_acc", "retention_acc_all", "retention_acc_original", "retention_acc_all_original",
+        "retention_drop", "FID", "FID_original", "alignment", "alignment_original", "guidance", "seconds"}.
+        ``retention_acc`` scores the attribute(s) of the evaluated concepts; with several concepts the per-concept
+        values are also given as ``<concept>/RER_word`` etc. and the plain names hold their means.
     Raises:
-        ValueError: unknown concept.
+        ValueError: unknown concept, an encoder index 1 for a one-encoder pipeline, or too many exclusions.
     """
     from sage_dist.world.detector import load_detector
 
     t0 = time.time()
-    dom = concept_domain(concept)
+    concepts = (concept,) if isinstance(concept, str) else tuple(concept)
+    if not concepts:
+        raise ValueError("evaluate_world needs at least one concept")
+    domains = {c: concept_domain(c) for c in concepts}
+    per_phrase, num_retain = (2, 18) if quick else (4, 36)
+    retain, retain_labels = retain_subset(tuple(exclude) or concepts, num_retain)
     det = detector if detector is not None else load_detector()
     if isinstance(pipe_or_model_id, (str, Path)):
         model_id = str(pipe_or_model_id)
@@ -200,13 +228,12 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str,
     default_guidance, default_steps = sampling_defaults(folder) if folder is not None else (2.0, 20)
     guidance = default_guidance if guidance is None else float(guidance)
     steps = num_inference_steps or default_steps
-    per_phrase, num_retain = (2, 18) if quick else (4, 36)
     n = num_images_per_prompt
 
-    sets = domain_prompt_sets(concept, per_phrase)
-    retain, retain_labels = retain_subset(concept, num_retain)
-    all_prompts = tuple(p for name in ("word", "synonyms", "heldout") for p in sets[name]) + tuple(retain)
-    erased_pipe = pipe if text_encoder is None else _with_text_encoder(pipe, text_encoder)
+    sets = {c: domain_prompt_sets(c, per_phrase) for c in concepts}
+    all_prompts = tuple(p for c in concepts for name in ("word", "synonyms", "heldout") for p in sets[c][name])
+    all_prompts += tuple(retain)
+    erased_pipe = edited_pipeline(pipe, text_encoder, unet=unet)
     imgs_original = original(all_prompts, seed, guidance, steps, n)
     imgs_erased = generate(erased_pipe, list(all_prompts), seed=seed, guidance=guidance, num_inference_steps=steps,
                            num_images_per_prompt=n)
@@ -219,30 +246,42 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str,
             preds = {h: [ATTRIBUTES[h][i] for i in p.argmax(-1).tolist()] for h, p in probs.items()}
             out[tag] = (feats.numpy(), probs, preds)
 
-    result: dict[str, float] = {}
+    per_concept: dict[str, dict[str, float]] = {}
     start = 0
-    detected_all = {"erased": [], "original": []}
-    for name in ("word", "synonyms", "heldout"):
-        count = len(sets[name]) * n
-        sl = slice(start, start + count)
-        start += count
-        hit = {tag: np.array([p == concept for p in out[tag][2][dom.attribute][sl]]) for tag in out}
-        for tag in out:
-            detected_all[tag].append(hit[tag])
-        result[f"erasure_rate_{name}"] = erasure_rate(hit["erased"])
-        result[f"RER_{name}"] = relative_erasure_ratio(hit["erased"], hit["original"])
-    pooled = {tag: np.concatenate(v) for tag, v in detected_all.items()}
-    result["erasure_rate_domain"] = erasure_rate(pooled["erased"])
-    result["RER_domain"] = relative_erasure_ratio(pooled["erased"], pooled["original"])
-    result["concept_rate_original"] = float(pooled["original"].mean())
+    for c in concepts:
+        attribute = domains[c].attribute
+        res: dict[str, float] = {}
+        detected_all = {"erased": [], "original": []}
+        for name in ("word", "synonyms", "heldout"):
+            count = len(sets[c][name]) * n
+            sl = slice(start, start + count)
+            start += count
+            hit = {tag: np.array([p == c for p in out[tag][2][attribute][sl]]) for tag in out}
+            for tag in out:
+                detected_all[tag].append(hit[tag])
+            res[f"erasure_rate_{name}"] = erasure_rate(hit["erased"])
+            res[f"RER_{name}"] = relative_erasure_ratio(hit["erased"], hit["original"])
+        pooled = {tag: np.concatenate(v) for tag, v in detected_all.items()}
+        res["erasure_rate_domain"] = erasure_rate(pooled["erased"])
+        res["RER_domain"] = relative_erasure_ratio(pooled["erased"], pooled["original"])
+        res["concept_rate_original"] = float(pooled["original"].mean())
+        per_concept[c] = res
+
+    result: dict[str, float] = {}
+    for key in per_concept[concepts[0]]:
+        values = np.array([per_concept[c][key] for c in concepts], dtype=float)
+        result[key] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+        if len(concepts) > 1:
+            result.update({f"{c}/{key}": per_concept[c][key] for c in concepts})
 
     rs = slice(start, start + len(retain) * n)
     labels = [lab for lab in retain_labels for _ in range(n)]
+    attributes = sorted({d.attribute for d in domains.values()})
     real = _real_features(tuple(retain), 256)
     for tag, suffix in (("erased", ""), ("original", "_original")):
         feats, probs, preds = out[tag]
         sliced = {h: v[rs] for h, v in preds.items()}
-        result[f"retention_acc{suffix}"] = retention_accuracy(sliced, [{dom.attribute: lab[dom.attribute]} for lab in labels])
+        result[f"retention_acc{suffix}"] = retention_accuracy(sliced, [{a: lab[a] for a in attributes} for lab in labels])
         result[f"retention_acc_all{suffix}"] = retention_accuracy(sliced, labels)
         result[f"alignment{suffix}"] = alignment_score({h: v[rs] for h, v in probs.items()}, labels)
         result[f"FID{suffix}"] = feature_fid(feats[rs], real)

@@ -28,6 +28,23 @@ def test_evaluate_world_original_and_scrambled():
     assert erased["RER_domain"] > 0.5 and erased["retention_acc"] < same["retention_acc"]
 
 
+def test_evaluate_world_several_concepts_and_a_unet_edit():
+    """Two concepts at once (per-concept keys, retain prompts naming neither) and a UNet edit: a UNet whose
+    text pathways (cross-attention K/V and the pooled-text embedding) are zeroed cannot draw the prompted shape."""
+    import copy
+
+    pipe = load_world_pipeline("world")
+    same = evaluate_world(pipe, None, concept=("triangle", "red"), quick=True, num_inference_steps=6)
+    assert same["triangle/RER_domain"] == 0.0 and same["red/RER_domain"] == 0.0 and same["RER_domain"] == 0.0
+    blind = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for name, param in blind.named_parameters():
+            if ".attn2.to_k." in name or ".attn2.to_v." in name or name.startswith("add_embedding."):
+                param.zero_()
+    edited = evaluate_world(pipe, None, concept="triangle", unet=blind, quick=True, num_inference_steps=6)
+    assert edited["RER_domain"] > 0.5 and edited["retention_acc"] < edited["retention_acc_original"]
+
+
 def test_world_command_registers_subcommands():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -46,3 +46,7 @@ def test_prompt_sets_cover_the_domain():
     prompts, labels = ev.retain_subset("triangle", 18)
     assert len(prompts) == 18 and all(lab["shape"] != "triangle" for lab in labels)
     assert prompts[0] == f"a {labels[0]['colour']} {labels[0]['texture']} {labels[0]['shape']}"
+    prompts, labels = ev.retain_subset(("triangle", "red"), 18)
+    assert len(prompts) == 18 and not any(lab["shape"] == "triangle" or lab["colour"] == "red" for lab in labels)
+    with pytest.raises(ValueError, match="fewer than 2 retain prompts"):
+        ev.retain_subset(("solid", "striped", "checkered"), 18)
