@@ -161,6 +161,14 @@ except urllib.error.HTTPError as e:
         t1=$(date +%s.%N)
         echo "timing: job_submit_${smoke_mode} $(elapsed "$t0" "$t1")" | tee -a "$work/timings.txt"
         grep -q "succeeded" "$work/job.log" || { log "job did not report success"; rc=1; }
+        if [ "$smoke_mode" = study ]; then
+            # The study found the head's MLflow server and the persistent storage through the environment
+            # cluster-local.yaml sets (not a node-local SQLite file, not the job's temporary working dir).
+            grep -q "MLflow UI: open http://127.0.0.1:5000" "$work/job.log" \
+                || { log "the study did not log to MLFLOW_TRACKING_URI"; rc=1; }
+            grep -q "study folder: /root/sage_dist_runs/" "$work/job.log" \
+                || { log "the study did not write under SAGE_DIST_STORAGE"; rc=1; }
+        fi
 
         # The head's MLflow server answers on 127.0.0.1:5000 and holds the smoke run.
         if ! python - "$smoke_mode" > "$work/mlflow_check.log" 2>&1 <<'EOF'
@@ -177,8 +185,9 @@ print("experiments", [e["name"] for e in exps], "runs", len(runs))
 if sys.argv[1] == "fallback":
     assert any(e["name"] == "cluster-smoke" for e in exps), "no cluster-smoke experiment on the server"
     assert runs, "no run on the server"
-elif not runs:
-    print("WARNING: the smoke study logged no run to MLFLOW_TRACKING_URI")
+else:
+    assert any(e["name"] == "sage_dist" for e in exps), "no sage_dist experiment on the server"
+    assert len(runs) >= 3, f"expected the study's parent run and 2 trial runs, found {len(runs)}"
 EOF
         then
             cat "$work/mlflow_check.log" >&2; rc=1

@@ -47,10 +47,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true", help="tiny budgets, one seed (a few minutes in all)")
     p.add_argument("--model", default=None, help="model to erase from (default: each study's own, the world)")
     p.add_argument("--tracking-uri", default="", help="MLflow server http://HOST:PORT or sqlite:////abs.db "
-                   "(default: local SQLite under ~/.sage_dist/mlflow)")
+                   "(default: $MLFLOW_TRACKING_URI, else local SQLite under ~/.sage_dist/mlflow)")
     p.add_argument("--ray-address", default="", help="'' joins a running cluster else starts one; 'local'; host:port")
     p.add_argument("--cpus-per-trial", type=float, default=0.5, help="Ray CPUs per trial (fractions allowed)")
-    p.add_argument("--out", default="runs/open_questions", help="output folder (trial records, Tune experiments)")
+    p.add_argument("--out", default="", help="output folder (trial records, Tune experiments; default: "
+                   "$SAGE_DIST_STORAGE/open_questions, else runs/open_questions)")
     p.add_argument("--report", default="", help="Markdown report path (default: <out>/report.md)")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: each study's, 0,1,2)")
     p.add_argument("--local", action="store_true", help="run trials one after another here, no Ray/MLflow")
@@ -85,12 +86,13 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     fns = study_fns if isinstance(study_fns, list) else [study_fns]
     args, studies = prepare(fns, argv, description)
-    out_dir = Path(args.out).expanduser().resolve()
+    out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / "open_questions")
+    out_dir = out_dir.expanduser().resolve()
     t0 = time.time()
     if args.local:
         records = {s.name: run_local(s, out_dir) for s in studies}
     else:
-        from sage_dist.studies.runner import RunSettings, launch
+        from sage_dist.tune.grid_runner import RunSettings, launch
 
         settings = RunSettings(out_dir=str(out_dir), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
                                cpus_per_trial=args.cpus_per_trial)

@@ -6,9 +6,10 @@ a Tune trial process and the study driver can all write to the same run safely.
 
 Where runs go (:func:`resolve_tracking`):
 
-* ``""`` (default): a local SQLite store ``sqlite:///$HOME/.sage_dist/mlflow/mlflow.db`` with artifacts under
-  ``$HOME/.sage_dist/mlflow/artifacts`` (absolute paths: Tune trials change directory). The same store is the
-  backend of the MLflow server that ``cluster-local.yaml`` starts, so one UI shows every study.
+* ``""`` (default): MLflow's own ``MLFLOW_TRACKING_URI`` environment variable when it is set (the cluster
+  configs set it on every node to the head's MLflow server, so trials on GPU nodes log there and not into a
+  node-local file); otherwise a local SQLite store ``sqlite:///$HOME/.sage_dist/mlflow/mlflow.db`` with
+  artifacts under ``$HOME/.sage_dist/mlflow/artifacts`` (absolute paths: Tune trials change directory).
 * ``http://host:port``: an MLflow tracking server (artifacts are proxied by the server).
 * ``sqlite:////abs/path.db``: another SQLite file; artifacts go to ``<db folder>/artifacts``.
 
@@ -63,12 +64,15 @@ class TrackingTarget:
 
 
 def resolve_tracking(uri: str = "") -> TrackingTarget:
-    """Turn ``tracking.tracking_uri`` into an absolute :class:`TrackingTarget` (see module docstring).
+    """Turn ``tracking.tracking_uri`` into an absolute :class:`TrackingTarget` (see module docstring); ``""``
+    means ``$MLFLOW_TRACKING_URI`` if set, else the local SQLite store.
 
     Raises:
         ValueError: an unsupported scheme, a relative SQLite path, or the file store ``./mlruns`` (MLflow 3.17
             refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``).
     """
+    if uri == "":
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri == "":
         home = default_home()
         return TrackingTarget(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_location=(home / "artifacts").as_uri())

@@ -18,7 +18,7 @@ A study file (``studies/*.py``) supplies ``config()`` and ``search_space(trial)`
 * MLflow: the parent run (params, tags, the table, Optuna's Pareto-front and parameter-importance plots);
   trials nest their child runs under it.
 
-Output folder: ``<storage>/<study name>`` (default storage ``./runs/studies``); the Tune experiment, the Train
+Output folder: ``<storage>/<study name>`` (default storage ``$SAGE_DIST_STORAGE``, else ``./runs/studies``); the Tune experiment, the Train
 runs (checkpoints) and the erased encoders of all trials live there.
 """
 
@@ -63,8 +63,9 @@ class StudyOptions:
     """"multi": Optuna multi-objective, Pareto front; "single": maximise ``text_score`` with ASHA."""
     resume: str = ""
     """"" starts a new study; "latest" continues the newest matching study; else a study folder name."""
-    storage: str = "runs/studies"
-    """Root folder of studies (made absolute)."""
+    storage: str = ""
+    """Root folder of studies (made absolute); "" means ``$SAGE_DIST_STORAGE`` if set (the cluster configs set it
+    to a folder that outlives a Ray job's temporary working directory), else ``runs/studies``."""
     ray_address: str = ""
     """"" joins a running cluster if there is one, else starts a local instance; "local" always starts one;
     or host:port."""
@@ -116,10 +117,11 @@ def build_parser(description: str, *, default_samples: int) -> argparse.Argument
     p.add_argument("--mode", choices=("multi", "single"), default="multi",
                    help="multi: Pareto front of erasure vs retention; single: text_score with ASHA early stopping")
     p.add_argument("--tracking-uri", default="", help="MLflow server (http://HOST:PORT) or sqlite:////abs.db; "
-                   "default: sqlite under ~/.sage_dist/mlflow")
+                   "default: $MLFLOW_TRACKING_URI, else sqlite under ~/.sage_dist/mlflow")
     p.add_argument("--resume", nargs="?", const="latest", default="",
                    help="continue a killed study: the newest matching one, or the folder name given")
-    p.add_argument("--storage", default="runs/studies", help="root folder of study outputs")
+    p.add_argument("--storage", default="", help="root folder of study outputs (default: $SAGE_DIST_STORAGE "
+                   "or runs/studies)")
     p.add_argument("--ray-address", default="", help="'' joins a running cluster else starts one; 'local'; host:port")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: from cluster resources)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
@@ -162,6 +164,75 @@ def connect_ray(address: str, *, num_cpus: int | None = None) -> str:
     return f"joined cluster {address}"
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
+                       "fuse.s3fs", "fuse.juicefs", "fuse.gcsfuse", "fuse.mountpoint-s3")
+"""Filesystem types (``/proc/mounts``) every node of a cluster can share."""
+
+
+def cluster_capacity() -> tuple[dict[str, float], bool]:
+    """What the connected Ray cluster has now or can autoscale to, and whether it spans (or may span) nodes.
+
+    Returns:
+        ``(resources, multi_node)``: per resource the larger of ``ray.cluster_resources()`` and the autoscaler's
+        maximum (Ray's cluster config, the figure Ray Train itself checks; absent on a plain local instance);
+        ``multi_node`` is True when more than one node is alive or the autoscaler can add resources.
+    """
+    import ray
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    try:
+        from ray._private import state as ray_state
+
+        most = ray_state.state.get_max_resources_from_cluster_config() or {}
+    except Exception as err:  # private API (Ray Train uses it); without it, plan on what the cluster has now
+        log.debug("no autoscaler capacity (%s)", err)
+        most = {}
+    merged = {k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in set(now) | set(most)}
+    multi_node = alive > 1 or any(merged[k] > now.get(k, 0.0) for k in merged)
+    return merged, multi_node
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str:
+    """The type (``/proc/mounts`` third field, e.g. "ext4", "nfs4") of the filesystem holding ``path``;
+    "" when it cannot be told (no ``/proc/mounts``)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target = str(Path(path).expanduser().resolve())
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def require_shared_storage(path: str | Path, multi_node: bool, mounts: str | None = None) -> None:
+    """Fail before any trial starts when a multi-node cluster would checkpoint to a node-local folder (Ray Train
+    and Tune need storage every node reaches: NFS/EFS or cloud storage; Ray raises mid-run otherwise).
+
+    Raises:
+        ValueError: ``multi_node`` and ``path`` is on a local filesystem (override: ``SAGE_DIST_STORAGE_SHARED=1``
+            for a shared filesystem whose type is not in :data:`NETWORK_FILESYSTEMS`).
+    """
+    if not multi_node or os.environ.get("SAGE_DIST_STORAGE_SHARED") == "1":
+        return
+    kind = filesystem_type(path, mounts)
+    if kind and kind not in NETWORK_FILESYSTEMS:
+        raise ValueError(
+            f"study storage {path} is on a node-local filesystem ({kind}) but the Ray cluster spans or may grow to "
+            "several nodes, whose Train workers must write checkpoints to the same place: pass --storage on a "
+            "shared mount (cluster.yaml mounts EFS at /mnt/sage_dist and sets SAGE_DIST_STORAGE there), or set "
+            "SAGE_DIST_STORAGE_SHARED=1 if this filesystem is shared after all")
+
+
 def trial_concurrency(cfg: StudyConfig, opts: StudyOptions, resources: dict[str, float]) -> int:
     """Trials that fit at once: CPUs / (driver + workers x CPUs per worker), and GPUs / workers when used.
 
@@ -195,7 +266,7 @@ def locate_study(opts: StudyOptions, cfg: StudyConfig) -> tuple[Path, bool]:
     Raises:
         ValueError: ``--resume`` names nothing that can be restored.
     """
-    root = Path(opts.storage).expanduser().resolve()
+    root = Path(opts.storage or os.environ.get("SAGE_DIST_STORAGE", "") or "runs/studies").expanduser().resolve()
     prefix = study_prefix(opts, cfg)
     if not opts.resume:
         return root / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", False
@@ -271,6 +342,12 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
     check_tracking_reachable(target)
     study_dir, resuming = locate_study(opts, cfg)
     log.info("study %s (%s), objectives %s", study_dir, "resume" if resuming else "new", objectives)
+    from ray import tune
+
+    where = connect_ray(opts.ray_address)
+    capacity, multi_node = cluster_capacity()
+    require_shared_storage(study_dir, multi_node)
+    concurrency = trial_concurrency(cfg, opts, capacity)
 
     experiment_id = ensure_experiment(target, cfg.tracking.experiment_name)
     sha = git_sha()
@@ -282,12 +359,6 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
                        "study.objectives": ",".join(f"{m}:{d}" for m, d in zip(objectives.metrics, objectives.modes)),
                        "study.search_space": "; ".join(f"{k}={v}" for k, v in dists.items())})
     print(ui_instructions(target, cfg.tracking.experiment_name))
-
-    import ray
-    from ray import tune
-
-    where = connect_ray(opts.ray_address)
-    concurrency = trial_concurrency(cfg, opts, ray.cluster_resources())
     parent.set_tags({"ray": where, "max_concurrent_trials": concurrency})
     log.info("Ray: %s; %d trial(s) at once", where, concurrency)
 

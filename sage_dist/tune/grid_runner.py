@@ -1,4 +1,4 @@
-"""Run grid studies as Ray Tune experiments, several at once on one Ray cluster (the studies' only Ray module).
+"""Run grid studies as Ray Tune experiments, several at once on one Ray cluster (the open-question studies, issue 6).
 
 Each :class:`~sage_dist.studies.grid.GridStudy` is one Tune experiment: ``tune.grid_search`` over its variants
 x ``tune.grid_search`` over its seeds; each trial (:func:`grid_trial`) runs one erasure and its evaluation in
@@ -166,10 +166,11 @@ def launch(studies: list[GridStudy], settings: RunSettings) -> dict[str, list[di
     import ray
 
     from sage_dist.tracking import check_tracking_reachable, resolve_tracking
-    from sage_dist.tune.study import connect_ray
+    from sage_dist.tune.study import cluster_capacity, connect_ray, require_shared_storage
 
     check_tracking_reachable(resolve_tracking(settings.tracking_uri))
     where = connect_ray(settings.ray_address)
+    require_shared_storage(settings.out_dir, cluster_capacity()[1])
     log.info("Ray: %s; %d studies, %s trials", where, len(studies),
              "+".join(str(len(s.variants) * len(s.seeds)) for s in studies))
     fit = ray.remote(num_cpus=0)(_fit_study)

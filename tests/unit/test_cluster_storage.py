@@ -1,0 +1,45 @@
+"""Multi-node safety checks of the study driver (issue 7): shared storage and the MLflow URI from the
+environment that cluster.yaml sets on every node."""
+
+import pytest
+
+from sage_dist.tracking import resolve_tracking
+from sage_dist.tune.study import filesystem_type, require_shared_storage
+
+MOUNTS = """\
+/dev/vda1 / ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+fs-1234.efs.us-west-2.amazonaws.com:/ /mnt/sage_dist nfs4 rw,vers=4.1 0 0
+/dev/vdb /mnt/sage_dist/scratch xfs rw 0 0
+/dev/vdc /data\\040disk ext4 rw 0 0
+"""
+
+
+def test_filesystem_type_takes_the_longest_mount_point():
+    assert filesystem_type("/mnt/sage_dist/runs/study-1", MOUNTS) == "nfs4"
+    assert filesystem_type("/mnt/sage_dist/scratch/x", MOUNTS) == "xfs"
+    assert filesystem_type("/mnt/sage_dist_other", MOUNTS) == "ext4"  # a prefix that is not a parent folder
+    assert filesystem_type("/data disk/runs", MOUNTS) == "ext4"
+    assert filesystem_type("/root/runs", MOUNTS) == "ext4"
+
+
+def test_require_shared_storage(monkeypatch):
+    monkeypatch.delenv("SAGE_DIST_STORAGE_SHARED", raising=False)
+    require_shared_storage("/root/runs", multi_node=False, mounts=MOUNTS)  # one node: anything goes
+    require_shared_storage("/mnt/sage_dist/runs", multi_node=True, mounts=MOUNTS)
+    with pytest.raises(ValueError, match="node-local filesystem \\(ext4\\).*--storage on a shared mount"):
+        require_shared_storage("/root/runs", multi_node=True, mounts=MOUNTS)
+    monkeypatch.setenv("SAGE_DIST_STORAGE_SHARED", "1")
+    require_shared_storage("/root/runs", multi_node=True, mounts=MOUNTS)
+
+
+def test_tracking_uri_defaults_to_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAGE_DIST_MLFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking("").tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000/")
+    assert resolve_tracking("").tracking_uri == "http://10.0.0.5:5000"
+    assert resolve_tracking("sqlite:////abs/x.db").tracking_uri == "sqlite:////abs/x.db"  # explicit wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    with pytest.raises(ValueError, match="file stores"):
+        resolve_tracking("")
