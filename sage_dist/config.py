@@ -48,6 +48,14 @@ class ModelConfig:
     CPU. The trainable encoder (or ESD-x's UNet copy) always stays float32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run; "auto" picks CUDA when available."""
+    student_chunk_size: int = 0
+    """Rows (erase + selected retain prompts) per UNet forward+backward of the student pass; the loss is split
+    by rows and the text encoder is back-propagated once, so any value gives the same gradients (up to float
+    summation order) and only peak memory changes. 0 = "auto": 1 for SDXL-size UNets (>= 2B parameters), 2 for
+    SD-size (>= 100M), all rows in one pass for smaller models (the world, tiny test models)."""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute the frozen UNet's activations in the backward of the student pass (diffusers'
+    ``enable_gradient_checkpointing``; exact, ~30% slower, much less memory). "auto" = on for SDXL-size UNets."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model_id.strip()), "model.model_id is empty: give a Hub id, a local folder or 'world'.")
@@ -58,6 +66,8 @@ class ModelConfig:
                  f"model.train_encoders={self.train_encoders} repeats an index.")
         _require(all(i >= 0 for i in self.trainable_layers),
                  f"model.trainable_layers={self.trainable_layers}: layer indices must be >= 0.")
+        _require(self.student_chunk_size >= 0,
+                 f"model.student_chunk_size={self.student_chunk_size}: must be >= 0 (0 = auto).")
 
 
 @dataclass(frozen=True, kw_only=True)

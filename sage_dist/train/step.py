@@ -7,7 +7,9 @@ This is the file to read for "what happens in a step". ``Eraser.train_step`` doe
 2. one pass of the trainable encoder τ_n over [x; retain prompts] (a single forward, so DDP syncs once);
 3. SAGE's global semantic-graph loss over the retain prompts and the Top-k selection (most drifted);
 4. one partial DDIM rollout of the frozen model for [concept; selected retain prompts], sharing i and t;
-5. frozen targets (e_∅, e_c, ε_o(r)) and the student's predictions, in two batched UNet calls;
+5. frozen targets (e_∅, e_c, ε_o(r)) and the student's predictions, in two batched UNet calls (the student's
+   in chunks of ``model.student_chunk_size`` rows on SD/SDXL-size UNets, each with its own UNet backward, then
+   one encoder backward: the same gradients with a fraction of the activation memory);
 6. L = L_erase + γ_g·L_graph + γ_t·L_image, one Adam step.
 
 Method differences: "esd" uses only L_erase on the word; "advunlearn" uses the outside-in attack and noise
@@ -29,7 +31,7 @@ from sage_dist.attack.outside_in import outside_in_attack
 from sage_dist.attack.prompt import AttackPrompt, build_attack_prompt, max_token_norms
 from sage_dist.attack.templates import load_templates
 from sage_dist.config import StudyConfig
-from sage_dist.losses import erase_loss, graph_loss, noise_retain_loss, select_top_k
+from sage_dist.losses import erase_loss, esd_target, graph_loss, noise_retain_loss, select_top_k
 from sage_dist.models.text import Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
 from sage_dist.train.rollout import DiffusionSampler, TrajectoryBank
@@ -103,6 +105,12 @@ class Eraser:
             self.student = DiffusionSampler(unet, pipe.scheduler.config, self.sampler.latent_shape, cfg.erase.ddim_steps)
             self.trainable_module = unet
         self.optimizer = torch.optim.Adam(self.trainable_parameters, lr=cfg.optim.lr)
+        unet_params = sum(p.numel() for p in pipe.unet.parameters())
+        self.student_chunk_size = cfg.model.student_chunk_size or (1 if unet_params >= 2e9 else 2 if unet_params >= 1e8 else 0)
+        """Rows per student UNet pass (0: all rows at once); see ``model.student_chunk_size``."""
+        checkpointing = cfg.model.gradient_checkpointing
+        if checkpointing == "on" or (checkpointing == "auto" and unet_params >= 2e9):
+            self.student.unet.enable_gradient_checkpointing()
         self.bank = None
         if cfg.erase.rollout_cache:
             self.bank = TrajectoryBank(self.sampler, bank_size=cfg.erase.rollout_bank_size,
@@ -186,6 +194,70 @@ class Eraser:
         n = cos.shape[0]
         return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
 
+    def _losses(self, eps_student: Tensor, n_erase: int, eps_uncond: Tensor, eps_concept: Tensor,
+                eps_retain_original: Tensor, graph_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(L_erase, L_image, L) of spec §1.7 from the student's predictions ``[n_erase + k, C, H, W]``."""
+        cfg = self.cfg
+        l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)
+        zero = torch.zeros((), device=eps_student.device)
+        l_image = noise_retain_loss(eps_student[n_erase:], eps_retain_original) if len(eps_student) > n_erase else zero
+        return l_erase, l_image, l_erase + graph_term + cfg.retain.retain_loss_weight * l_image
+
+    @staticmethod
+    def _check_finite(step: int, total: Tensor, l_erase: Tensor, l_graph: Tensor, l_image: Tensor) -> None:
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"step {step}: loss is {float(total)} (erase {float(l_erase)}, graph "
+                                     f"{float(l_graph)}, image {float(l_image)}); lower optim.lr")
+
+    def _chunked_student_backward(self, z: Tensor, timestep, student_cond: Conditioning, n_erase: int,
+                                  eps_uncond: Tensor, eps_concept: Tensor, eps_retain_original: Tensor,
+                                  graph_term: Tensor) -> Tensor:
+        """The student pass in chunks of ``student_chunk_size`` rows, each with its own UNet backward into a detached
+        copy of the conditioning; then one backward of the text encoder (and of ``graph_term``). L_erase and L_image
+        are means over rows, so each chunk's share is its rows' mean weighted by rows / all rows: the gradients
+        equal the one-pass gradients up to float summation order. Returns the detached predictions
+        ``[rows, C, H, W]``. Raises FloatingPointError for a non-finite chunk loss (before any optimizer step)."""
+        cfg = self.cfg
+        rows = len(student_cond.encoder_hidden_states)
+        k = rows - n_erase
+        hidden = student_cond.encoder_hidden_states
+        added = student_cond.added_cond_kwargs
+        hidden_leaf = hidden.detach().requires_grad_(hidden.requires_grad)
+        added_leaf = None if added is None else {key: v.detach().requires_grad_(v.requires_grad) for key, v in added.items()}
+        leaf = Conditioning(hidden_leaf, added_leaf, student_cond.features, student_cond.final)
+        targets = torch.cat([esd_target(eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance), eps_retain_original])
+        timesteps = torch.as_tensor(timestep, device=z.device)
+        outputs = []
+        for start in range(0, rows, self.student_chunk_size):
+            sl = torch.arange(start, min(rows, start + self.student_chunk_size))
+            t = timesteps if timesteps.ndim == 0 else timesteps[sl]
+            eps = self.student.eps(z[sl], t, leaf.select(sl))
+            sq = ((eps - targets[sl]) ** 2).flatten(1).mean(1)  # per-row mean squared error
+            is_erase = sl < n_erase
+            loss = sq[is_erase].sum() / n_erase
+            if k:
+                loss = loss + cfg.retain.retain_loss_weight * sq[~is_erase].sum() / k
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"student chunk rows {start}..{start + len(sl) - 1}: loss {float(loss)}; "
+                                         "lower optim.lr")
+            if loss.requires_grad:
+                loss.backward()
+            outputs.append(eps.detach())
+        tensors, grads = [], []
+        if hidden.requires_grad and hidden_leaf.grad is not None:
+            tensors.append(hidden)
+            grads.append(hidden_leaf.grad)
+        for key in added or {}:
+            if added[key].requires_grad and added_leaf[key].grad is not None:
+                tensors.append(added[key])
+                grads.append(added_leaf[key].grad)
+        if graph_term.requires_grad:
+            tensors.append(graph_term)
+            grads.append(torch.ones_like(graph_term))
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        return torch.cat(outputs)
+
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step; returns the step's scalars (losses, attack stats). See module docstring.
 
@@ -262,22 +334,27 @@ class Eraser:
                 eps_uncond, eps_concept = eps_frozen[:n_erase], eps_frozen[n_erase : 2 * n_erase]
                 eps_retain_original = eps_frozen[2 * n_erase :]
 
-        # 5b. the student's predictions (gradient into τ_n, or into the UNet copy for ESD-x)
+        # 5b. the student's predictions (gradient into τ_n, or into the UNet copy for ESD-x) and
+        # 6. the total loss and one optimiser step
         student_rows = torch.cat([torch.arange(n_erase), n_erase + selected]) if len(selected) else torch.arange(n_erase)
-        eps_student = self.student.eps(z, timestep, cond_n.select(student_rows))
-
-        # 6. total loss and one optimiser step
-        l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)
-        l_image = noise_retain_loss(eps_student[n_erase:], eps_retain_original) if len(selected) else zero
+        student_cond = cond_n.select(student_rows)
         graph_weight = cfg.retain.graph_weight if self.method == "sage" else 0.0
-        total = l_erase + graph_weight * l_graph + cfg.retain.retain_loss_weight * l_image
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"step {step}: loss is {float(total)} (erase {float(l_erase)}, graph "
-                                     f"{float(l_graph)}, image {float(l_image)}); lower optim.lr")
-        if cfg.erase.log_interference and n_erase > 1:
-            out["interference_cos"] = self._interference(eps_student[:n_erase], eps_uncond, eps_concept)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if self.student_chunk_size and len(student_rows) > self.student_chunk_size:
+            eps_student = self._chunked_student_backward(z, timestep, student_cond, n_erase, eps_uncond, eps_concept,
+                                                         eps_retain_original, graph_weight * l_graph)
+            with torch.no_grad():
+                l_erase, l_image, total = self._losses(eps_student, n_erase, eps_uncond, eps_concept,
+                                                       eps_retain_original, graph_weight * l_graph)
+            self._check_finite(step, total, l_erase, l_graph, l_image)
+        else:
+            eps_student = self.student.eps(z, timestep, student_cond)
+            l_erase, l_image, total = self._losses(eps_student, n_erase, eps_uncond, eps_concept, eps_retain_original,
+                                                   graph_weight * l_graph)
+            self._check_finite(step, total, l_erase, l_graph, l_image)
+            total.backward()
+        if cfg.erase.log_interference and n_erase > 1:
+            out["interference_cos"] = self._interference(eps_student[:n_erase].detach(), eps_uncond, eps_concept)
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters, cfg.optim.grad_clip)
         self.optimizer.step()

@@ -259,3 +259,11 @@ def test_interference_between_concepts_is_logged():
     result = run_erasure(cfg, progress=False)
     values = [h["interference_cos"] for h in result.history]
     assert len(values) == 2 and all(-1.0 <= v <= 1.0 for v in values)
+
+
+def test_loaded_pipelines_use_sdpa_attention(tiny_sd):
+    """Issue 7 item 4: SDPA attention in the UNet (diffusers AttnProcessor2_0) and the text encoder."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_sd.unet.attn_processors.values())
+    assert tiny_sd.text_encoder.config._attn_implementation == "sdpa"
