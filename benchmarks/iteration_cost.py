@@ -32,6 +32,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attack_cost import _build, _FixedDraw  # noqa: E402
 
 PHASES = ("esd_reference", "advunlearn", "sage_warmup", "sage_cyclic_reference", "sage_cyclic_fast")
+EXTRA_PHASES = ("sage_cyclic_fast_onepass",)
+"""Not run by default: the fast path with every student row in one UNet pass (``model.student_chunk_size`` large),
+to compare time and peak memory with the default chunking (exact either way)."""
+
+
+def _time_parts(eraser) -> dict[str, float]:
+    """Wrap the step's parts with wall-clock timers (seconds, accumulated, exclusive: a part called inside another,
+    e.g. the encoder passes inside the attack, counts only for itself): the attack, text-encoder passes, the bank
+    lookup, the student's UNet forward (grad enabled) and every backward call."""
+    import functools
+
+    import torch
+
+    parts: dict[str, float] = {}
+    children: list[float] = []  # time spent in nested timed parts, per open part (exclusive attribution)
+
+    def timed(label, fn, when=lambda *a, **k: True):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not when(*args, **kwargs):
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            children.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - t0
+                inner = children.pop()
+                parts[label] = parts.get(label, 0.0) + elapsed - inner
+                if children:
+                    children[-1] += elapsed
+        return wrapper
+
+    eraser.attack = timed("attack", eraser.attack)
+    eraser.conditioner.condition = timed("text encoder forward", eraser.conditioner.condition)
+    eraser.student.eps = timed("student UNet forward", eraser.student.eps, lambda *a, **k: torch.is_grad_enabled())
+    if eraser.bank is not None:
+        eraser.bank.sample = timed("bank lookup (+ misses)", eraser.bank.sample)
+    torch.Tensor.backward = timed("backward (UNet + encoder)", torch.Tensor.backward)
+    torch.autograd.backward = timed("backward (UNet + encoder)", torch.autograd.backward)
+    return parts
 
 
 def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> None:
@@ -46,7 +87,9 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> No
     flat = {"model.model_id": "world" if model == "world" else "tiny-sd", "erase.method": method,
             "erase.warmup_steps": 5 if name == "sage_warmup" else 0, "optim.num_steps": 10,
             "attack.attack_steps": 1 if method == "advunlearn" else attack_steps,
-            "erase.rollout_cache": name == "sage_cyclic_fast"}
+            "erase.rollout_cache": name.startswith("sage_cyclic_fast")}
+    if name == "sage_cyclic_fast_onepass":
+        flat["model.student_chunk_size"] = 1000
     if method == "advunlearn":
         flat.update({"retain.retain_batch_size": 5, "retain.retain_loss_weight": 0.3, "attack.reinit": "latest"})
     cfg = StudyConfig().replace_flat(flat)
@@ -57,24 +100,39 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> No
     out: dict[str, float] = {}
     if model != "sd14-shape":  # warm-up call (caches, allocations); negligible at SD scale
         eraser.train_step(0)
-    if name == "sage_cyclic_fast":
-        state = (eraser.generator.get_state(), eraser.shared_generator.get_state(), eraser.retain_sampler.state())
-        eraser.train_step(1)  # fills the bank entries this step draws
+    if name.startswith("sage_cyclic_fast"):
+        # Fill the bank entries this step draws, then restore every state the step reads (RNGs, retain sampler,
+        # encoder weights, Adam, attack prompts): the timed repeat draws the same entries and selects the same
+        # top-k retain prompts, so the bank is warm for all of them (the marginal cost of a step).
+        state = (eraser.generator.get_state(), eraser.shared_generator.get_state(), eraser.retain_sampler.state(),
+                 copy.deepcopy(eraser.trainable_module.state_dict()), copy.deepcopy(eraser.optimizer.state_dict()),
+                 copy.deepcopy(eraser.concepts))
+        eraser.train_step(1)
         eraser.generator.set_state(state[0])
         eraser.shared_generator.set_state(state[1])
         eraser.retain_sampler.load_state(state[2])
+        eraser.trainable_module.load_state_dict(state[3])
+        eraser.optimizer.load_state_dict(state[4])
+        eraser.concepts = state[5]
+        out["bank_rows_when_filled"] = float(eraser.bank.num_ddim_rows)
     fixed.rollout_s, fixed.rollout_steps = 0.0, 0
     prof = None
     if profile:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         prof.__enter__()
+    parts = _time_parts(eraser) if profile else {}
     t0 = time.perf_counter()
     eraser.train_step(1)
     measured = time.perf_counter() - t0
+    if parts:
+        parts["rest"] = measured - sum(parts.values())
+        out["parts"] = parts
+    if eraser.bank is not None:
+        out["bank_rows_when_timed"] = float(eraser.bank.num_ddim_rows) - out["bank_rows_when_filled"]
     if prof is not None:
         prof.__exit__(None, None, None)
-        out["profile"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
-    extra = 0.0 if name == "sage_cyclic_fast" else (mean_rollout - 1) * fixed.per_step()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    extra = 0.0 if name.startswith("sage_cyclic_fast") else (mean_rollout - 1) * fixed.per_step()
     out.update(measured_seconds=measured, ddim_step_seconds=fixed.per_step(), expected_seconds=measured + extra)
     if method == "advunlearn":
         # one more outside-in attack step = its rollout + a frozen pass + forward/backward through the UNet
@@ -98,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="world,sd14-shape", help="comma list of world, sd14-shape, tiny-sd")
     parser.add_argument("--attack-steps", type=int, default=30, help="J (spec: 30)")
-    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES + EXTRA_PHASES}")
     parser.add_argument("--profile", action="store_true", help="print a torch profiler table per phase")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -113,8 +171,14 @@ def main() -> None:
             key, value = queue.get()
             proc.join()
             profile = value.pop("profile", None)
+            parts = value.pop("parts", None)
             table[model][key] = value
             print(f"{model:10s} {key:22s} " + " ".join(f"{k}={v:.3f}" for k, v in value.items()), flush=True)
+            if parts:
+                total = sum(parts.values())
+                print("  where the time goes: " + "; ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)"
+                                                          for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+                value["parts"] = parts
             if profile:
                 print(profile)
         ref = table[model].get("esd_reference", {}).get("expected_seconds")
