@@ -40,6 +40,9 @@ def _add_train(sub) -> None:
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR weighting (0: plain eps MSE)")
     p.add_argument("--focus-fraction", type=float, default=0.0, help="share of timesteps drawn from --focus-t-range")
     p.add_argument("--focus-t-range", type=int, nargs=2, default=(600, 1000))
+    p.add_argument("--noise-schedule", default="cosine", choices=("cosine", "cosine_zero_snr_v"),
+                   help="cosine: eps prediction (the shipped weights); cosine_zero_snr_v: zero terminal SNR, "
+                   "v-prediction, trailing DDIM spacing")
     p.add_argument("--high-noise-weight-cap", type=float, default=0.0, help="weight eps loss by clamp(1/snr, 1, cap)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
@@ -55,7 +58,7 @@ def _run_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, checkpoint_minutes=args.checkpoint_minutes, device=args.device,
         init_from=args.init_from, train_text_encoder=not args.freeze_text_encoder, min_snr_gamma=args.min_snr_gamma,
         focus_fraction=args.focus_fraction, focus_t_range=tuple(args.focus_t_range),
-        high_noise_weight_cap=args.high_noise_weight_cap,
+        high_noise_weight_cap=args.high_noise_weight_cap, noise_schedule=args.noise_schedule,
         warmup_steps=args.warmup_steps,
     )
     summary = train_world(cfg, args.out, resume=args.resume)

@@ -86,20 +86,37 @@ def build_unet(seed: int, *, xl: bool = False):
                                 addition_embed_type_num_heads=4)
 
 
-def build_scheduler(kind: str = "ddim"):
-    """Cosine-schedule scheduler (``squaredcos_cap_v2``, eps prediction): "ddim" to sample, "ddpm" to train."""
+NOISE_SCHEDULES = ("cosine", "cosine_zero_snr_v")
+"""``cosine``: eps prediction, DDIM "leading" spacing from t=951 (the shipped weights). ``cosine_zero_snr_v``:
+the same betas rescaled to zero terminal SNR, v-prediction and DDIM "trailing" spacing from t=999 (Lin et al.
+2023, "Common diffusion noise schedules and sample steps are flawed"): sampling then starts from pure noise as
+training saw it, so the model cannot read an attribute (e.g. the world's texture) off the noise pattern."""
+
+
+def build_scheduler(kind: str = "ddim", noise_schedule: str = "cosine"):
+    """Cosine-schedule scheduler (``squaredcos_cap_v2``): "ddim" to sample, "ddpm" to train; ``noise_schedule``
+    one of :data:`NOISE_SCHEDULES`.
+
+    Raises:
+        ValueError: unknown ``kind`` or ``noise_schedule``.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise schedule {noise_schedule!r}: use one of {NOISE_SCHEDULES}")
+    zero_snr_v = noise_schedule == "cosine_zero_snr_v"
     kwargs = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                  prediction_type="epsilon")
+                  prediction_type="v_prediction" if zero_snr_v else "epsilon", rescale_betas_zero_snr=zero_snr_v)
     if kind == "ddim":
+        if zero_snr_v:
+            return DDIMScheduler(**kwargs, set_alpha_to_one=False, timestep_spacing="trailing")
         return DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1)
     if kind == "ddpm":
         return DDPMScheduler(**kwargs)
     raise ValueError(f"scheduler kind {kind!r}: use 'ddim' or 'ddpm'")
 
 
-def assemble_sd(text_encoder, unet, vae):
+def assemble_sd(text_encoder, unet, vae, noise_schedule: str = "cosine"):
     """``StableDiffusionPipeline`` from trained parts (CPU, progress bar off)."""
     from diffusers import StableDiffusionPipeline
 
@@ -107,14 +124,14 @@ def assemble_sd(text_encoder, unet, vae):
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
-        scheduler=build_scheduler("ddim"), safety_checker=None, feature_extractor=None,
+        scheduler=build_scheduler("ddim", noise_schedule), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def assemble_sdxl(text_encoder, text_encoder_2, unet, vae):
+def assemble_sdxl(text_encoder, text_encoder_2, unet, vae, noise_schedule: str = "cosine"):
     """``StableDiffusionXLPipeline`` (zeros for the empty prompt, as SDXL base) from trained parts."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -122,7 +139,7 @@ def assemble_sdxl(text_encoder, text_encoder_2, unet, vae):
 
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_clip_tokenizer(),
-        tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet, scheduler=build_scheduler("ddim"),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet, scheduler=build_scheduler("ddim", noise_schedule),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)

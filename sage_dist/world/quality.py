@@ -13,7 +13,6 @@ import logging
 import time
 
 import numpy as np
-import torch
 
 from sage_dist.world import scene as world_scene
 from sage_dist.world.concepts import ATTRIBUTES, COLOURS, SHAPES, TEXTURES, concept_domain

@@ -73,6 +73,10 @@ class WorldTrainConfig:
     focus_fraction: float = 0.0
     """Fraction of each batch whose timesteps are drawn from ``focus_t_range`` instead of [0, 1000)."""
     focus_t_range: tuple[int, int] = (600, 1000)
+    noise_schedule: str = "cosine"
+    """:data:`sage_dist.world.model.NOISE_SCHEDULES`: "cosine" (eps, the shipped weights) or "cosine_zero_snr_v"
+    (zero terminal SNR, v-prediction, trailing DDIM spacing; exported in the pipelines' scheduler config).
+    Min-SNR weighting then uses the v-loss form clamp(snr, 1, gamma) / (snr + 1), so t = 999 (snr 0) is trained."""
     high_noise_weight_cap: float = 0.0
     """If > 0, weight each sample's eps loss by clamp(1 / snr, 1, cap): emphasises getting x0 right at high noise,
     where the world's textures are decided (the fine-tune that fixed striped vs checkered)."""
@@ -80,6 +84,10 @@ class WorldTrainConfig:
     def __post_init__(self) -> None:
         if self.minutes <= 0 and self.steps <= 0:
             raise ValueError("give a positive --minutes or --steps budget for the SD phase")
+        from sage_dist.world.model import NOISE_SCHEDULES
+
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"--noise-schedule {self.noise_schedule!r}: use one of {NOISE_SCHEDULES}")
         if self.batch_size < 1 or self.num_images < self.batch_size:
             raise ValueError(f"need num_images ({self.num_images}) >= batch_size ({self.batch_size}) >= 1")
 
@@ -193,9 +201,14 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 1024) -> torch.Tensor
     return torch.cat([vae.encode(images[i:i + batch].to(device)).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def _min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def _min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    v_prediction: bool = False) -> torch.Tensor:
+    """Min-SNR-gamma loss weights ``[B]`` (Hang et al. 2023): eps loss min(snr, gamma) / snr; v loss
+    clamp(snr, 1, gamma) / (snr + 1) (floored at 1 so that the zero-SNR step keeps the plain v-loss)."""
     a = alphas_cumprod[timesteps]
     snr = a / (1.0 - a)
+    if v_prediction:
+        return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1.0)
     return torch.clamp(snr, max=gamma) / snr
 
 
@@ -211,7 +224,8 @@ class _Trainer:
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
         self.latents, self.scenes, self.encode = latents, scenes, encode
         self.minutes, self.max_steps, self.export = minutes, max_steps, export
-        self.noise_scheduler = world_model.build_scheduler("ddpm")
+        self.noise_scheduler = world_model.build_scheduler("ddpm", cfg.noise_schedule)
+        self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(cfg.device)
         self.step, self.elapsed = 0, 0.0
         self.losses: list[float] = []
@@ -275,10 +289,12 @@ class _Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(self.step, self._progress(), cfg.warmup_steps)
             hidden, added = self.encode(captions)
-            eps = self.modules["unet"](noisy, timesteps, hidden, added_cond_kwargs=added).sample
-            per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
+            pred = self.modules["unet"](noisy, timesteps, hidden, added_cond_kwargs=added).sample
+            target = self.noise_scheduler.get_velocity(x0, noise, timesteps) if self.v_prediction else noise
+            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
             if cfg.min_snr_gamma > 0:
-                per_sample = per_sample * _min_snr_weight(self.alphas_cumprod, timesteps, cfg.min_snr_gamma)
+                per_sample = per_sample * _min_snr_weight(self.alphas_cumprod, timesteps, cfg.min_snr_gamma,
+                                                          self.v_prediction)
             if cfg.high_noise_weight_cap > 0:
                 a = self.alphas_cumprod[timesteps]
                 per_sample = per_sample * torch.clamp((1.0 - a) / a, 1.0, cfg.high_noise_weight_cap)
@@ -332,13 +348,13 @@ def init_twin_unet_from_sd(twin_unet, sd_unet) -> int:
     return copied
 
 
-def _export_sd(out: Path, text_encoder, unet, vae) -> None:
-    pipe = world_model.assemble_sd(text_encoder, unet, vae)
+def _export_sd(out: Path, text_encoder, unet, vae, noise_schedule: str) -> None:
+    pipe = world_model.assemble_sd(text_encoder, unet, vae, noise_schedule)
     pipe.save_pretrained(str(out / "sd"), safe_serialization=True)
 
 
-def _export_sdxl(out: Path, text_encoder, text_encoder_2, unet, vae) -> None:
-    pipe = world_model.assemble_sdxl(text_encoder, text_encoder_2, unet, vae)
+def _export_sdxl(out: Path, text_encoder, text_encoder_2, unet, vae, noise_schedule: str) -> None:
+    pipe = world_model.assemble_sdxl(text_encoder, text_encoder_2, unet, vae, noise_schedule)
     pipe.save_pretrained(str(out / "sdxl"), safe_serialization=True)
 
 
@@ -414,10 +430,10 @@ def train_world(cfg: WorldTrainConfig, out_dir: str | Path, *, resume: bool = Fa
         return text_encoder(_tokenize(tokenizer, captions, device)).last_hidden_state, None
 
     def export_sd(ema):
-        _export_sd(out, ema["text_encoder"], ema["unet"], vae)
+        _export_sd(out, ema["text_encoder"], ema["unet"], vae, cfg.noise_schedule)
 
     def export_sd_frozen_te(ema):
-        _export_sd(out, text_encoder, ema["unet"], vae)
+        _export_sd(out, text_encoder, ema["unet"], vae, cfg.noise_schedule)
 
     if cfg.train_text_encoder:
         sd = _Trainer(cfg, ckpt, "sd", {"text_encoder": text_encoder, "unet": unet}, latents, scenes, encode_sd,
@@ -450,7 +466,7 @@ def train_world(cfg: WorldTrainConfig, out_dir: str | Path, *, resume: bool = Fa
         return hidden, {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), -1)}
 
     def export_twin(ema):
-        _export_sdxl(out, text_encoder_1, ema["text_encoder_2"], ema["unet"], vae)
+        _export_sdxl(out, text_encoder_1, ema["text_encoder_2"], ema["unet"], vae, cfg.noise_schedule)
 
     twin = _Trainer(cfg, ckpt, "twin", {"text_encoder_2": text_encoder_2, "unet": twin_unet}, latents, scenes,
                     encode_twin, cfg.twin_minutes, cfg.twin_steps, export_twin)

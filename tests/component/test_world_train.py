@@ -28,3 +28,29 @@ def test_world_train_smoke_and_resume(tmp_path):
     for (name, a), (_, b) in zip(xl.text_encoder.state_dict().items(), sd.text_encoder.state_dict().items()):
         assert torch.equal(a, b), name  # the twin's encoder 1 is the SD encoder, frozen
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
+
+
+def test_world_train_zero_snr_v_smoke(tmp_path):
+    """--noise-schedule cosine_zero_snr_v trains with the v target, and the exported pipelines carry a zero-terminal-
+    SNR, v-prediction, trailing-spacing scheduler, so sampling starts at t = 999 from pure noise."""
+    from diffusers import StableDiffusionPipeline
+
+    from sage_dist.world.train import _min_snr_weight
+
+    out = tmp_path / "world"
+    argv = ["world", "train", "--seed", "0", "--out", str(out), "--minutes", "0", "--steps", "2", "--twin-minutes",
+            "0", "--twin-steps", "1", "--vae-steps", "2", "--num-images", "64", "--batch-size", "8",
+            "--noise-schedule", "cosine_zero_snr_v"]
+    assert main(argv) == 0
+    sd = StableDiffusionPipeline.from_pretrained(str(out / "sd"), torch_dtype=torch.float32)
+    cfg = sd.scheduler.config
+    assert cfg.prediction_type == "v_prediction" and cfg.rescale_betas_zero_snr and cfg.timestep_spacing == "trailing"
+    sd.scheduler.set_timesteps(20)
+    assert int(sd.scheduler.timesteps[0]) == 999
+    with pytest.raises(ValueError, match="noise schedule"):
+        from sage_dist.world.model import build_scheduler
+        build_scheduler("ddim", "linear")
+    # v-loss Min-SNR weights: clamp(snr, 1, gamma) / (snr + 1); snr 0 keeps weight 1, snr 9 -> 5 / 10
+    alphas = torch.tensor([0.0, 0.5, 0.9])
+    w = _min_snr_weight(alphas, torch.tensor([0, 1, 2]), 5.0, v_prediction=True)
+    assert torch.allclose(w, torch.tensor([1.0, 0.5, 0.5]), atol=1e-6)
