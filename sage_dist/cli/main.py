@@ -15,7 +15,6 @@ an unknown key or a bad value is an error naming the field and what is allowed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import logging
