@@ -340,7 +340,12 @@ class Eraser:
         student_cond = cond_n.select(student_rows)
         graph_weight = cfg.retain.graph_weight if self.method == "sage" else 0.0
         self.optimizer.zero_grad(set_to_none=True)
+        interference = cfg.erase.log_interference and n_erase > 1
         if self.student_chunk_size and len(student_rows) > self.student_chunk_size:
+            if interference:  # needs the erase rows' graph into the encoder: one extra forward of those rows
+                t_erase = timestep if not torch.is_tensor(timestep) or timestep.ndim == 0 else timestep[:n_erase]
+                eps_erase = self.student.eps(z[:n_erase], t_erase, student_cond.select(torch.arange(n_erase)))
+                out["interference_cos"] = self._interference(eps_erase, eps_uncond, eps_concept)
             eps_student = self._chunked_student_backward(z, timestep, student_cond, n_erase, eps_uncond, eps_concept,
                                                          eps_retain_original, graph_weight * l_graph)
             with torch.no_grad():
@@ -352,9 +357,9 @@ class Eraser:
             l_erase, l_image, total = self._losses(eps_student, n_erase, eps_uncond, eps_concept, eps_retain_original,
                                                    graph_weight * l_graph)
             self._check_finite(step, total, l_erase, l_graph, l_image)
+            if interference:
+                out["interference_cos"] = self._interference(eps_student[:n_erase], eps_uncond, eps_concept)
             total.backward()
-        if cfg.erase.log_interference and n_erase > 1:
-            out["interference_cos"] = self._interference(eps_student[:n_erase].detach(), eps_uncond, eps_concept)
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters, cfg.optim.grad_clip)
         self.optimizer.step()

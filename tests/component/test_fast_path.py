@@ -100,11 +100,12 @@ def test_bank_targets_equal_the_frozen_model_at_the_cached_z_and_t():
     assert torch.equal(again.latents, sample.latents) and bank.num_built == 2
 
 
-def _one_step_grads(model_id: str, chunk: int, method: str = "sage",
-                    checkpointing: str = "off") -> tuple[dict[str, float], list[torch.Tensor]]:
+def _one_step_grads(model_id: str, chunk: int, method: str = "sage", checkpointing: str = "off",
+                    concepts: tuple[str, ...] = ("triangle",)) -> tuple[dict[str, float], list[torch.Tensor]]:
     cfg = tiny_config(**{"model.model_id": model_id, "erase.method": method, "erase.warmup_steps": 0,
                          "retain.top_k": 3, "model.student_chunk_size": chunk,
-                         "model.gradient_checkpointing": checkpointing})
+                         "model.gradient_checkpointing": checkpointing, "erase.erase_concept": concepts,
+                         "erase.multi_concept": "sum", "erase.log_interference": len(concepts) > 1})
     eraser = _eraser(cfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move τ_n off τ_o, so the retain rows have a loss and a gradient too
@@ -119,13 +120,15 @@ def test_chunked_student_pass_gives_the_same_losses_and_gradients():
     """``model.student_chunk_size`` (one UNet backward per chunk of rows, one encoder backward) and
     ``model.gradient_checkpointing`` change only memory: losses and gradients equal the one-pass step for the same seeds (SD: 1 erase + 3 retain rows in
     chunks of 1 and 3; the SDXL twin path with added_cond_kwargs; ESD-x, whose gradient goes into the UNet)."""
-    for model_id, method, chunks in (("tiny-sd", "sage", (1, 3)), ("tiny-sdxl", "sage", (2,)),
-                                     ("tiny-sd", "esd-x", (1,))):
-        ref_out, ref_grads = _one_step_grads(model_id, 0, method)
+    for model_id, method, concepts, chunks in (
+            ("tiny-sd", "sage", ("triangle",), (1, 3)), ("tiny-sdxl", "sage", ("triangle",), (2,)),
+            ("tiny-sd", "sage", ("triangle", "cat"), (2,)), ("tiny-sd", "esd-x", ("triangle", "cat"), (1,))):
+        ref_out, ref_grads = _one_step_grads(model_id, 0, method, concepts=concepts)
         assert ref_grads, (model_id, method)
         for chunk, checkpointing in [(c, "off") for c in chunks] + [(0, "on"), (2, "on")]:
-            out, grads = _one_step_grads(model_id, chunk, method, checkpointing)
-            for key in ("loss", "erase_loss", "graph_loss", "retain_loss"):
+            out, grads = _one_step_grads(model_id, chunk, method, checkpointing, concepts)
+            keys = ["loss", "erase_loss", "graph_loss", "retain_loss"] + (["interference_cos"] if len(concepts) > 1 else [])
+            for key in keys:
                 assert abs(out[key] - ref_out[key]) <= 1e-5 * max(1.0, abs(ref_out[key])), (model_id, chunk, key)
             assert len(grads) == len(ref_grads)
             for g, g_ref in zip(grads, ref_grads):
