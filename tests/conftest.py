@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see sage_dist/__init__.py
+# A developer's own MLflow server or study storage must not receive test runs (the defaults read these).
+for _name in ("MLFLOW_TRACKING_URI", "SAGE_DIST_STORAGE", "SAGE_DIST_STORAGE_SHARED"):
+    os.environ.pop(_name, None)
 
 from pathlib import Path  # noqa: E402
 

@@ -71,8 +71,12 @@ def resolve_tracking(uri: str = "") -> TrackingTarget:
         ValueError: an unsupported scheme, a relative SQLite path, or the file store ``./mlruns`` (MLflow 3.17
             refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``).
     """
-    if uri == "":
-        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri == "" and os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        try:
+            return resolve_tracking(os.environ["MLFLOW_TRACKING_URI"].strip())
+        except ValueError as err:
+            raise ValueError(f"from the environment variable MLFLOW_TRACKING_URI: {err} (or unset the variable "
+                             "to log to the local SQLite store)") from err
     if uri == "":
         home = default_home()
         return TrackingTarget(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_location=(home / "artifacts").as_uri())

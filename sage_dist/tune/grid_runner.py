@@ -14,6 +14,7 @@ erasure. ``run_erasure`` runs directly in the trial process; scale a trial out w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -168,7 +169,10 @@ def launch(studies: list[GridStudy], settings: RunSettings) -> dict[str, list[di
     from sage_dist.tracking import check_tracking_reachable, resolve_tracking
     from sage_dist.tune.study import cluster_capacity, connect_ray, require_shared_storage
 
-    check_tracking_reachable(resolve_tracking(settings.tracking_uri))
+    target = resolve_tracking(settings.tracking_uri)
+    check_tracking_reachable(target)
+    # resolved once here: trials and the per-study Ray tasks may run where $MLFLOW_TRACKING_URI differs
+    settings = dataclasses.replace(settings, tracking_uri=target.tracking_uri)
     where = connect_ray(settings.ray_address)
     require_shared_storage(settings.out_dir, cluster_capacity()[1])
     log.info("Ray: %s; %d studies, %s trials", where, len(studies),

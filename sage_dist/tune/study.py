@@ -169,17 +169,24 @@ NETWORK_FILESYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "
 """Filesystem types (``/proc/mounts``) every node of a cluster can share."""
 
 
-def cluster_capacity() -> tuple[dict[str, float], bool]:
+PLANNED_RESOURCES = ("CPU", "GPU")
+"""Resources trial concurrency is planned on (memory figures differ between Ray's config and its measurement)."""
+
+
+def cluster_capacity() -> tuple[dict[str, float], bool, bool]:
     """What the connected Ray cluster has now or can autoscale to, and whether it spans (or may span) nodes.
 
     Returns:
-        ``(resources, multi_node)``: per resource the larger of ``ray.cluster_resources()`` and the autoscaler's
-        maximum (Ray's cluster config, the figure Ray Train itself checks; absent on a plain local instance);
-        ``multi_node`` is True when more than one node is alive or the autoscaler can add resources.
+        ``(resources, multi_node, can_grow)``: CPU and GPU, each the larger of ``ray.cluster_resources()`` and the
+        autoscaler's maximum (Ray's cluster config, the figure Ray Train itself checks; absent on a plain local
+        instance; an unbounded node group leaves the current figure); ``multi_node`` is True when more than one
+        node is alive or the autoscaler can add CPUs or GPUs (``can_grow``).
     """
+    import sys
+
     import ray
 
-    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    now = {k: float(ray.cluster_resources().get(k, 0.0)) for k in PLANNED_RESOURCES}
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
     try:
         from ray._private import state as ray_state
@@ -188,9 +195,14 @@ def cluster_capacity() -> tuple[dict[str, float], bool]:
     except Exception as err:  # private API (Ray Train uses it); without it, plan on what the cluster has now
         log.debug("no autoscaler capacity (%s)", err)
         most = {}
-    merged = {k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in set(now) | set(most)}
-    multi_node = alive > 1 or any(merged[k] > now.get(k, 0.0) for k in merged)
-    return merged, multi_node
+    capacity, can_grow = dict(now), False
+    for k in PLANNED_RESOURCES:
+        limit = float(most.get(k, 0))
+        if limit > now[k]:
+            can_grow = True
+            if limit < sys.maxsize:
+                capacity[k] = limit
+    return capacity, alive > 1 or can_grow, can_grow
 
 
 def filesystem_type(path: str | Path, mounts: str | None = None) -> str:
@@ -233,11 +245,14 @@ def require_shared_storage(path: str | Path, multi_node: bool, mounts: str | Non
             "SAGE_DIST_STORAGE_SHARED=1 if this filesystem is shared after all")
 
 
-def trial_concurrency(cfg: StudyConfig, opts: StudyOptions, resources: dict[str, float]) -> int:
-    """Trials that fit at once: CPUs / (driver + workers x CPUs per worker), and GPUs / workers when used.
+def trial_concurrency(cfg: StudyConfig, opts: StudyOptions, resources: dict[str, float], *,
+                      can_grow: bool = False) -> int:
+    """Trials that fit at once: CPUs / (driver + workers x CPUs per worker), and GPUs / workers when used;
+    ``resources`` from :func:`cluster_capacity`. With ``can_grow`` (an autoscaler with unbounded node groups)
+    a trial that does not fit yet runs alone while nodes are added.
 
     Raises:
-        ValueError: one trial needs more than the whole cluster has.
+        ValueError: one trial needs more than the whole cluster has and the cluster cannot grow.
     """
     s = cfg.scaling
     per_trial_cpu = opts.driver_cpus + s.num_workers * s.cpus_per_worker
@@ -245,6 +260,10 @@ def trial_concurrency(cfg: StudyConfig, opts: StudyOptions, resources: dict[str,
     n = math.floor(cpus / per_trial_cpu + 1e-9)
     if s.use_gpu:
         n = min(n, math.floor(gpus / s.num_workers + 1e-9))
+    if n < 1 and can_grow:
+        log.warning("one trial needs %g CPUs%s, more than the cluster has now; running 1 trial at a time while the "
+                    "autoscaler adds nodes", per_trial_cpu, f" and {s.num_workers} GPUs" if s.use_gpu else "")
+        n = 1
     if n < 1:
         raise ValueError(f"one trial needs {per_trial_cpu:g} CPUs{f' and {s.num_workers} GPUs' if s.use_gpu else ''} "
                          f"but the cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower scaling.num_workers or "
@@ -345,9 +364,9 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
     from ray import tune
 
     where = connect_ray(opts.ray_address)
-    capacity, multi_node = cluster_capacity()
+    capacity, multi_node, can_grow = cluster_capacity()
     require_shared_storage(study_dir, multi_node)
-    concurrency = trial_concurrency(cfg, opts, capacity)
+    concurrency = trial_concurrency(cfg, opts, capacity, can_grow=can_grow)
 
     experiment_id = ensure_experiment(target, cfg.tracking.experiment_name)
     sha = git_sha()

@@ -41,5 +41,20 @@ def test_tracking_uri_defaults_to_the_environment(monkeypatch, tmp_path):
     assert resolve_tracking("").tracking_uri == "http://10.0.0.5:5000"
     assert resolve_tracking("sqlite:////abs/x.db").tracking_uri == "sqlite:////abs/x.db"  # explicit wins
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
-    with pytest.raises(ValueError, match="file stores"):
+    with pytest.raises(ValueError, match="environment variable MLFLOW_TRACKING_URI.*file stores"):
         resolve_tracking("")
+
+
+def test_trial_concurrency_plans_on_what_the_autoscaler_can_add():
+    from sage_dist.config import StudyConfig
+    from sage_dist.tune.study import StudyOptions, trial_concurrency
+
+    cfg = StudyConfig().replace_flat({"scaling.use_gpu": True, "scaling.num_workers": 1, "scaling.cpus_per_worker": 1.0})
+    opts = StudyOptions(name="t", num_samples=12, driver_cpus=0.5)
+    head_only = {"CPU": 6.0, "GPU": 0.0}  # cluster.yaml's head before any GPU node starts
+    with pytest.raises(ValueError, match="0 GPUs"):
+        trial_concurrency(cfg, opts, head_only)
+    assert trial_concurrency(cfg, opts, head_only, can_grow=True) == 1
+    # with the autoscaler's maximum (16 GPUs, 6 + 8 x 4 + 2 x 48 CPUs) as cluster_capacity reports it
+    assert trial_concurrency(cfg, opts, {"CPU": 134.0, "GPU": 16.0}) == 12  # capped by num_samples
+    assert trial_concurrency(cfg, StudyOptions(name="t", num_samples=40, driver_cpus=0.5), {"CPU": 134.0, "GPU": 16.0}) == 16
