@@ -75,8 +75,32 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
             study = dataclasses.replace(study, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
         if args.smoke_test:
             study = smoke_version(study)
+        preflight(study)
         studies.append(study)
     return args, studies
+
+
+def preflight(study) -> None:
+    """Every variant's pre-flight checks (concepts, model source, retain set size) before anything starts.
+
+    Raises:
+        ValueError: naming the study and variant, with the check's own message.
+    """
+    from sage_dist.validate import validate_inputs
+
+    for variant in study.variants:
+        try:
+            cfg = study.variant_config(variant, study.seeds[0])
+            if variant.procedure == "sequential":  # one single-concept erasure per stage (grid.execute_trial)
+                runs = [cfg.replace_flat({"erase.erase_concept": (c,)}) for c in cfg.erase.erase_concept]
+            elif variant.procedure == "transfer":  # erased on the source model, evaluated on this one
+                runs = [cfg.replace_flat({"model.model_id": variant.source_model, "model.train_encoders": (0,)})]
+            else:
+                runs = [cfg]
+            for run in runs:
+                validate_inputs(run)
+        except ValueError as err:
+            raise ValueError(f"study {study.name}, variant {variant.name}: {err}") from err
 
 
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
