@@ -55,6 +55,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    "$SAGE_DIST_STORAGE/open_questions, else runs/open_questions)")
     p.add_argument("--report", default="", help="Markdown report path (default: <out>/report.md)")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: each study's, 0,1,2)")
+    p.add_argument("--variants", default="", help="comma-separated variant names to run (default: all); e.g. "
+                   "re-run failed ones into the same --out, then --report-only")
     p.add_argument("--local", action="store_true", help="run trials one after another here, no Ray/MLflow")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the trial records under "
                    "--out (nothing runs)")
@@ -62,9 +64,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
-    """Parse ``argv`` and build the studies (validated, before Ray starts); returns ``(args, studies)``."""
+    """Parse ``argv`` and build the studies (validated, before Ray starts); returns ``(args, studies)``.
+
+    Raises:
+        ValueError: a bad override, a ``--variants`` name no study has, or a variant's failed pre-flight check.
+    """
     args, rest = build_parser(description).parse_known_args(argv)
-    studies = []
+    wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+    studies, known = [], set()
     for fn in study_fns:
         study = fn(args.model) if args.model else fn()
         if rest:
@@ -75,8 +82,16 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
             study = dataclasses.replace(study, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
         if args.smoke_test:
             study = smoke_version(study)
+        known |= {v.name for v in study.variants}
+        if wanted:
+            chosen = tuple(v for v in study.variants if v.name in wanted)
+            if not chosen:
+                continue
+            study = dataclasses.replace(study, variants=chosen)
         preflight(study)
         studies.append(study)
+    if wanted - known:
+        raise ValueError(f"--variants {sorted(wanted - known)}: no such variant; the studies have {sorted(known)}")
     return args, studies
 
 

@@ -333,3 +333,13 @@ def test_open_questions_smoke_on_ray(tmp_path):
         runs = search_runs(uri, f"open_questions.{name}")
         assert len(runs) == 3  # parent + 2 trials
         assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_variants_option_selects_variants_and_rejects_unknown_names():
+    from sage_dist.studies.cli import prepare
+
+    fn = load_study_module("multi_concept").study
+    _, studies = prepare([fn], ["--variants", "joint-8,sequential-2"], "")
+    assert [v.name for v in studies[0].variants] == ["joint-8", "sequential-2"]
+    with pytest.raises(ValueError, match="no such variant"):
+        prepare([fn], ["--variants", "joint-9"], "")
