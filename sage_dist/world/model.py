@@ -109,7 +109,7 @@ def build_scheduler(kind: str = "ddim", noise_schedule: str = "cosine"):
                   prediction_type="v_prediction" if zero_snr_v else "epsilon", rescale_betas_zero_snr=zero_snr_v)
     if kind == "ddim":
         if zero_snr_v:
-            return DDIMScheduler(**kwargs, set_alpha_to_one=False, timestep_spacing="trailing")
+            return DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
         return DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1)
     if kind == "ddpm":
         return DDPMScheduler(**kwargs)
