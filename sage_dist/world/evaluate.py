@@ -146,10 +146,17 @@ def edited_pipeline(pipe, text_encoder=None, *, unet: torch.nn.Module | None = N
         if e == 1 and not is_xl(pipe):
             raise ValueError("encoder index 1 given but the pipeline has a single text encoder")
         attr = ("text_encoder", "text_encoder_2")[e]
-        setattr(edited, attr, module.to(dtype=getattr(pipe, attr).dtype))
+        setattr(edited, attr, _as_dtype(module, getattr(pipe, attr).dtype))
     if unet is not None:
-        edited.unet = unet.to(dtype=pipe.unet.dtype)
+        edited.unet = _as_dtype(unet, pipe.unet.dtype)
     return edited
+
+
+def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in ``dtype``: itself when it already is, else a converted copy (the caller's module, e.g. a
+    study's trained fp32 encoder, is never cast in place)."""
+    current = next(module.parameters()).dtype
+    return module if current == dtype else copy.deepcopy(module).to(dtype=dtype)
 
 
 @functools.lru_cache(maxsize=4)

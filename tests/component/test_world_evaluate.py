@@ -54,3 +54,19 @@ def test_world_command_registers_subcommands():
     assert args.guidance == [2.0, 3.0]
     args = parser.parse_args(["world", "train", "--seed", "1", "--out", "x", "--minutes", "2", "--resume"])
     assert args.resume and args.minutes == 2.0
+
+
+def test_edited_pipeline_never_casts_the_callers_module():
+    """An fp32 trained encoder put into an fp16 pipeline is converted as a copy; the caller's stays fp32."""
+    import copy
+
+    from sage_dist.world.evaluate import edited_pipeline
+
+    pipe = load_world_pipeline("world")
+    half = copy.copy(pipe)
+    half.text_encoder = copy.deepcopy(pipe.text_encoder).to(torch.float16)
+    trained = copy.deepcopy(pipe.text_encoder)
+    edited = edited_pipeline(half, trained)
+    assert next(trained.parameters()).dtype == torch.float32
+    assert next(edited.text_encoder.parameters()).dtype == torch.float16
+    assert edited_pipeline(pipe, trained).text_encoder is trained and half.text_encoder is not edited.text_encoder
