@@ -136,6 +136,24 @@ def noisy_latents(x0_BCHW: Tensor, noise_BCHW: Tensor, alpha_cumprod: Tensor | f
     return x0_BCHW * a ** 0.5 + noise_BCHW * (1.0 - a) ** 0.5
 
 
+def denoising_target(x0_BCHW: Tensor, noise_BCHW: Tensor, alpha_cumprod: Tensor | float,
+                     prediction_type: str = "epsilon") -> Tensor:
+    """What the UNet is trained to predict at ``x_t = noisy_latents(x0, noise, a)``: ``noise`` for
+    "epsilon" models (SD 1.x), ``sqrt(a) noise - sqrt(1 - a) x0`` for "v_prediction" ones (SD 2.x-v, the
+    zero-terminal-SNR world; Salimans & Ho 2022, diffusers' ``get_velocity``).
+
+    Raises:
+        ValueError: another ``prediction_type`` (e.g. "sample"): not supported by the attack.
+    """
+    if prediction_type == "epsilon":
+        return noise_BCHW
+    if prediction_type == "v_prediction":
+        a = float(alpha_cumprod)
+        return noise_BCHW * a ** 0.5 - x0_BCHW * (1.0 - a) ** 0.5
+    raise ValueError(f"scheduler prediction_type {prediction_type!r}: the prefix-token attack supports 'epsilon' "
+                     "and 'v_prediction'")
+
+
 def _core_text_model(encoder):
     return encoder if hasattr(encoder, "embeddings") and hasattr(encoder, "final_layer_norm") else encoder.text_model
 
@@ -173,7 +191,8 @@ def prefix_token_attack(
         unet: the pipeline's UNet (frozen; SD 1.x-style, no added conditioning).
         text_encoder: the erased CLIP text encoder (frozen; only the token distributions are optimised).
         tokenizer: its CLIP tokenizer.
-        noise_scheduler: provides ``alphas_cumprod`` and ``config.num_train_timesteps`` (any SD scheduler).
+        noise_scheduler: provides ``alphas_cumprod``, ``config.num_train_timesteps`` and ``config.prediction_type``
+            ("epsilon" or "v_prediction": the attack's denoising target follows it); any SD scheduler.
         reference_latents: ``[1, 4, h, w]`` VAE latents (scaled) of the original model's image for ``prompt``.
         prompt: the attacked prompt.
         cfg: attack settings.
@@ -212,6 +231,9 @@ def prefix_token_attack(
 
     x0 = reference_latents.detach()
     num_train = noise_scheduler.config.num_train_timesteps
+    prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    if cfg.target != "original":
+        denoising_target(x0, x0, 0.5, prediction_type)  # unsupported prediction types fail before any work
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
     losses: list[float] = []
     outcome = AttackOutcome(success=False, adversarial=None, num_judged=0)
@@ -227,7 +249,7 @@ def prefix_token_attack(
                     with torch.no_grad():
                         target = unet(noisy, t, encoder_hidden_states=encode_ids(original_text_encoder, plain_ids)).sample
                 else:
-                    target = noise
+                    target = denoising_target(x0, noise, alphas_cumprod[t_int], prediction_type)
                 one_hot_KV = _SampleOneHotSTE.apply(probs_KV, generator)
                 adv_holder["adv_KD"] = one_hot_KV @ weight_VD.to(one_hot_KV.dtype)
                 hidden = encode_ids(text_encoder, ids)

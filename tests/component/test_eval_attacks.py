@@ -80,3 +80,24 @@ def test_external_attack_hook():
     adv = AdversarialPrompt(prompt_embeds=torch.zeros(1, 77, 32), text="x")
     out = run_external_attack(lambda record: adv, record=None, judge=lambda a: (True, "ok"))
     assert out.success and out.adversarial is adv and out.details == "ok"
+
+
+def test_denoising_target_follows_the_prediction_type_as_diffusers_trains_it():
+    """Hand check at a = 0.64 (sqrt 0.8 / 0.6) and diffusers' own ``get_velocity`` for a v-prediction model."""
+    from diffusers import DDPMScheduler
+
+    from sage_dist.eval.attacks import denoising_target, noisy_latents
+
+    x0, noise = torch.full((1, 1, 1, 2), 2.0), torch.tensor([[[[1.0, -1.0]]]])
+    assert torch.equal(denoising_target(x0, noise, 0.64, "epsilon"), noise)
+    v = denoising_target(x0, noise, 0.64, "v_prediction")
+    assert torch.allclose(v, torch.tensor([[[[0.8 - 1.2, -0.8 - 1.2]]]]))
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4, 8, 8)
+    for t in (0, 500, 999):
+        a = sched.alphas_cumprod[t]
+        ts = torch.tensor([t, t])
+        assert torch.allclose(denoising_target(x0, noise, a, "v_prediction"), sched.get_velocity(x0, noise, ts), atol=1e-6)
+        assert torch.allclose(noisy_latents(x0, noise, a), sched.add_noise(x0, noise, ts), atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        denoising_target(x0, noise, 0.5, "sample")
