@@ -32,15 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attack_cost import _build, _FixedDraw  # noqa: E402
 
 PHASES = ("esd_reference", "advunlearn", "sage_warmup", "sage_cyclic_reference", "sage_cyclic_fast")
-EXTRA_PHASES = ("sage_cyclic_fast_onepass",)
+EXTRA_PHASES = ("sage_cyclic_fast_onepass", "sage_cyclic_fast_m2", "sage_cyclic_fast_m1")
 """Not run by default: the fast path with every student row in one UNet pass (``model.student_chunk_size`` large),
-to compare time and peak memory with the default chunking (exact either way)."""
+to compare time and peak memory with the default chunking (exact either way); the fast path with L_image on m = 2
+or 1 of the Top-4 rows per step (``retain.image_loss_rows``, an unbiased but noisier approximation)."""
 
 
 def _time_parts(eraser) -> dict[str, float]:
     """Wrap the step's parts with wall-clock timers (seconds, accumulated, exclusive: a part called inside another,
-    e.g. the encoder passes inside the attack, counts only for itself): the attack, text-encoder passes, the bank
-    lookup, the student's UNet forward (grad enabled) and every backward call."""
+    e.g. the encoder passes inside the attack, counts only for itself): the attack, text-encoder forward passes,
+    the bank lookup, the student's UNet forward (grad enabled), the UNet backward and the encoder backward."""
     import functools
 
     import torch
@@ -70,8 +71,11 @@ def _time_parts(eraser) -> dict[str, float]:
     eraser.student.eps = timed("student UNet forward", eraser.student.eps, lambda *a, **k: torch.is_grad_enabled())
     if eraser.bank is not None:
         eraser.bank.sample = timed("bank lookup (+ misses)", eraser.bank.sample)
-    torch.Tensor.backward = timed("backward (UNet + encoder)", torch.Tensor.backward)
-    torch.autograd.backward = timed("backward (UNet + encoder)", torch.autograd.backward)
+    # chunked student pass: one Tensor.backward per chunk (UNet into the conditioning), then one
+    # autograd.backward over a list (the text encoder); one-pass steps do both in total.backward()
+    torch.Tensor.backward = timed("backward (student UNet; + encoder when one pass)", torch.Tensor.backward)
+    torch.autograd.backward = timed("backward (text encoder)", torch.autograd.backward,
+                                    lambda tensors, *a, **k: isinstance(tensors, (list, tuple)))
     return parts
 
 
@@ -90,6 +94,8 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> No
             "erase.rollout_cache": name.startswith("sage_cyclic_fast")}
     if name == "sage_cyclic_fast_onepass":
         flat["model.student_chunk_size"] = 1000
+    if name in ("sage_cyclic_fast_m2", "sage_cyclic_fast_m1"):
+        flat["retain.image_loss_rows"] = int(name[-1])
     if method == "advunlearn":
         flat.update({"retain.retain_batch_size": 5, "retain.retain_loss_weight": 0.3, "attack.reinit": "latest"})
     cfg = StudyConfig().replace_flat(flat)

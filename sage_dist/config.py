@@ -169,6 +169,11 @@ class RetainConfig:
     """b_retain, retain prompts per step for the semantic graph (spec §1.7; AdvUnlearn uses 5)."""
     top_k: int = 4
     """k retain prompts that get the local predicted-noise loss (spec §1.7)."""
+    image_loss_rows: int = 0
+    """Approximation, off by default (0: L_image over all k selected prompts, spec §1.7). m in 1..top_k: each
+    step computes L_image over m of the k, drawn uniformly without replacement. The mean over the m rows is an
+    unbiased estimate of the mean over the k, and each dropped row saves one frozen and one student UNet row
+    (forward and backward). Issue 8: the effect on RER and retention is measured in the README."""
     top_k_selection: Literal["most_drifted", "least_concept_similar", "random", "all"] = "most_drifted"
     """Which k: lowest cos(g_n(r), g_o(r)) (default), least similar to the concept (alternative reading),
     random, or all b_retain (AdvUnlearn-style)."""
@@ -190,6 +195,9 @@ class RetainConfig:
         _require(self.top_k <= self.retain_batch_size,
                  f"retain.top_k={self.top_k} is larger than retain.retain_batch_size={self.retain_batch_size}: "
                  "lower top_k or raise retain_batch_size.")
+        _require(0 <= self.image_loss_rows <= self.top_k,
+                 f"retain.image_loss_rows={self.image_loss_rows}: use 0 (all top_k rows, exact) or 1..top_k "
+                 f"({self.top_k}).")
         _require(self.graph_temperature > 0, f"retain.graph_temperature={self.graph_temperature}: must be > 0.")
         _require(self.graph_weight >= 0, f"retain.graph_weight={self.graph_weight}: must be >= 0.")
         _require(self.retain_loss_weight >= 0, f"retain.retain_loss_weight={self.retain_loss_weight}: must be >= 0.")

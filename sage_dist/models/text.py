@@ -161,13 +161,16 @@ class TrainableEncoders(nn.Module):
         super().__init__()
         self.encoders = nn.ModuleDict({str(i): m for i, m in encoders.items()})
 
-    def forward(self, embeds: list[Tensor | None], output_penultimate: bool) -> dict[int, tuple[Tensor, Tensor | None]]:
-        """:func:`run_encoder` on every trainable copy in one call (one DDP forward per step).
+    def forward(self, groups: list[list[Tensor | None]], output_penultimate: bool
+                ) -> list[dict[int, tuple[Tensor, Tensor | None]]]:
+        """:func:`run_encoder` on every trainable copy for every group of prompts, in one call (one DDP forward per
+        step even when the step encodes groups of different lengths).
 
-        ``embeds[e]``: ``[B, L, D_e]`` float32 for each trained encoder ``e`` (others may be None).
+        ``groups[g][e]``: ``[B_g, L_g, D_e]`` float32 for each trained encoder ``e`` (others may be None).
+        Returns one ``{e: (final, penultimate)}`` per group.
         """
-        return {int(k): run_encoder(enc, embeds[int(k)], output_penultimate=output_penultimate)
-                for k, enc in self.encoders.items()}
+        return [{int(k): run_encoder(enc, embeds[int(k)], output_penultimate=output_penultimate)
+                 for k, enc in self.encoders.items()} for embeds in groups]
 
 
 class TextConditioner:
@@ -246,13 +249,22 @@ class TextConditioner:
         positions (exact for positions < length, since CLIP is causal); then ``encoder_hidden_states`` is
         not valid UNet conditioning and only the features are meaningful.
         """
-        finals, conds, feats = [], [], []
-        pooled_for_text_embeds = None
-        trained_out = {}
+        return self.condition_groups([(batch, length)], trained=trained, through_wrapper=through_wrapper)[0]
+
+    def condition_groups(self, groups: list[tuple[PromptBatch, int]], *, trained: bool,
+                         through_wrapper: bool = True) -> list[Conditioning]:
+        """:meth:`condition` of several ``(batch, length)`` groups with one call of the trainable copies (one DDP
+        forward): e.g. the UNet rows at 77 positions and the graph-only retain rows truncated after their EOT."""
+        trained_out: list[dict] = [{} for _ in groups]
         if trained:
             module = self._trainable_call if through_wrapper else self.trainable
-            trained_out = module([batch.embeds[e][:, :length] if e in self.train_encoders else None
-                                  for e in range(len(self.original))], self.is_sdxl)
+            trained_out = module([[batch.embeds[e][:, :length] if e in self.train_encoders else None
+                                   for e in range(len(self.original))] for batch, length in groups], self.is_sdxl)
+        return [self._assemble(batch, length, out, trained) for (batch, length), out in zip(groups, trained_out)]
+
+    def _assemble(self, batch: PromptBatch, length: int, trained_out: dict, trained: bool) -> Conditioning:
+        finals, conds, feats = [], [], []
+        pooled_for_text_embeds = None
         for e in range(len(self.original)):
             x = batch.embeds[e][:, :length]
             if e in trained_out:

@@ -4,8 +4,10 @@ This is the file to read for "what happens in a step". ``Eraser.train_step`` doe
 
 1. the erase prompt x: the concept word during warm-up; after it, every ``steps_per_cycle`` steps a new
    attack (SAGE: inside-out in text space; AdvUnlearn: outside-in through the UNet) whose result is x;
-2. one pass of the trainable encoder τ_n over [x; retain prompts] (a single forward, so DDP syncs once);
-3. SAGE's global semantic-graph loss over the retain prompts and the Top-k selection (most drifted);
+2. the retain batch: the Top-k selection (most drifted) from a no-grad pass of τ_n truncated after EOT;
+3. one pass of the trainable encoder τ_n with gradient (a single forward, so DDP syncs once) over
+   [x; selected retain prompts] at 77 positions (UNet conditioning) and over the retain batch up to its
+   last EOT (SAGE's global semantic-graph loss reads only pooled EOT features: exact, CLIP is causal);
 4. one partial DDIM rollout of the frozen model for [concept; selected retain prompts], sharing i and t;
 5. frozen targets (e_∅, e_c, ε_o(r)) and the student's predictions, in two batched UNet calls (the student's
    in chunks of ``model.student_chunk_size`` rows on SD/SDXL-size UNets, each with its own UNet backward, then
@@ -32,7 +34,7 @@ from sage_dist.attack.prompt import AttackPrompt, build_attack_prompt, max_token
 from sage_dist.attack.templates import load_templates
 from sage_dist.config import StudyConfig
 from sage_dist.losses import erase_loss, esd_target, graph_loss, noise_retain_loss, select_top_k
-from sage_dist.models.text import Conditioning, PromptBatch, TextConditioner
+from sage_dist.models.text import MAX_LENGTH, Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
 from sage_dist.train.rollout import DiffusionSampler, TrajectoryBank
 
@@ -52,6 +54,17 @@ class ConceptState:
     attack: AttackPrompt | None = None
     """Latest attack prompt (None before the first attack)."""
     attack_log: list[dict] = field(default_factory=list)
+
+
+def subsample_top_k(selected: Tensor, m: int, generator: torch.Generator) -> Tensor:
+    """m of the k selected retain rows ``[k]`` int64, uniformly without replacement (``retain.image_loss_rows``).
+
+    Each row is kept with probability m / k, so the mean of L_image over the kept rows is an unbiased
+    estimate of its mean over all k (spec §1.7's L_image); returns ``selected`` unchanged (no draw) when m >= k.
+    """
+    if m >= len(selected):
+        return selected
+    return selected[torch.randperm(len(selected), generator=generator)[:m]]
 
 
 class Eraser:
@@ -168,6 +181,11 @@ class Eraser:
         return result
 
     # ---- the step ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _graph_length(batch: PromptBatch) -> int:
+        """Positions the graph-only rows need: up to the last EOT of the batch (CLIP is causal)."""
+        return int(batch.eot_index.max()) + 1
+
     def _select(self, scores: Tensor, concept_sim: Tensor, k: int) -> Tensor:
         mode = self.cfg.retain.top_k_selection if self.method == "sage" else "all"
         n = scores.shape[0]
@@ -287,28 +305,41 @@ class Eraser:
         shard: list[str] = []
         if self.retain_sampler is not None:
             shard = self.retain_sampler.next_batch()[self.rank :: self.world_size]
-        batch = PromptBatch.cat([x, self.conditioner.embed(shard)]) if shard else x
-        cond_n = self.conditioner.condition(batch, trained=True)  # the one τ_n forward with gradient
 
-        # 3. global graph + Top-k selection
+        # 3. Top-k selection (most drifted, from the pooled features of a no-grad pass) and the global graph.
+        #    The graph and the drift only read pooled features at EOT, which a causal CLIP encoder computes from
+        #    the positions up to EOT: those rows are encoded only that far (exact, issue 8); the UNet rows
+        #    (erase prompts + selected retain prompts) get all 77 positions.
         zero = torch.zeros((), device=self.sampler.device)
         l_graph, selected = zero, torch.arange(0)
+        graph_rows = None
         if shard:
+            retain_batch = self.conditioner.embed(shard)
+            length = self._graph_length(retain_batch)
             cond_o_r = self.retain_original(shard)
-            retain_rows = torch.arange(n_erase, n_erase + len(shard))
             trained_e = self.conditioner.train_encoders
-            if self.method == "sage" and cfg.retain.graph_weight > 0 and len(shard) >= 2:
-                l_graph = torch.stack([graph_loss(cond_n.features[e][retain_rows], cond_o_r.features[e],
-                                                  kind=cfg.retain.graph_loss, temperature=cfg.retain.graph_temperature)
-                                       for e in trained_e]).mean()
             with torch.no_grad():
-                drift = torch.stack([(cond_n.features[e][retain_rows] * cond_o_r.features[e]).sum(-1)
-                                     for e in trained_e]).mean(0)
+                feats_n = self.conditioner.condition(retain_batch, trained=True, length=length,
+                                                     through_wrapper=False).features
+                drift = torch.stack([(feats_n[e] * cond_o_r.features[e]).sum(-1) for e in trained_e]).mean(0)
                 concept_feat = self.concepts[now[0]].cond.features
                 concept_sim = torch.stack([(cond_o_r.features[e] * concept_feat[e]).sum(-1) for e in trained_e]).mean(0)
             k_local = max(1, math.ceil(cfg.retain.top_k / self.world_size))
             selected = self._select(drift, concept_sim, k_local)
+            if cfg.retain.image_loss_rows and self.method == "sage":  # approximation, opt-in
+                m_local = max(1, math.ceil(cfg.retain.image_loss_rows / self.world_size))
+                selected = subsample_top_k(selected, m_local, self.generator)
             out["retain_drift_mean"] = float(drift.mean())
+            if self.method == "sage" and cfg.retain.graph_weight > 0 and len(shard) >= 2:
+                graph_rows = (retain_batch, length)
+        unet_batch = PromptBatch.cat([x, retain_batch.select(selected)]) if len(selected) else x
+        groups = [(unet_batch, MAX_LENGTH)] + ([graph_rows] if graph_rows is not None else [])
+        conds = self.conditioner.condition_groups(groups, trained=True)  # the one τ_n forward with gradient
+        student_cond = conds[0]
+        if graph_rows is not None:
+            l_graph = torch.stack([graph_loss(conds[1].features[e], cond_o_r.features[e],
+                                              kind=cfg.retain.graph_loss, temperature=cfg.retain.graph_temperature)
+                                   for e in trained_e]).mean()
 
         # 4. one partial DDIM rollout for [concepts; selected retain prompts], shared i and t
         #    (with erase.rollout_cache: bank entries with their cached t and frozen predictions)
@@ -336,12 +367,10 @@ class Eraser:
 
         # 5b. the student's predictions (gradient into τ_n, or into the UNet copy for ESD-x) and
         # 6. the total loss and one optimiser step
-        student_rows = torch.cat([torch.arange(n_erase), n_erase + selected]) if len(selected) else torch.arange(n_erase)
-        student_cond = cond_n.select(student_rows)
         graph_weight = cfg.retain.graph_weight if self.method == "sage" else 0.0
         self.optimizer.zero_grad(set_to_none=True)
         interference = cfg.erase.log_interference and n_erase > 1
-        if self.student_chunk_size and len(student_rows) > self.student_chunk_size:
+        if self.student_chunk_size and len(student_cond.encoder_hidden_states) > self.student_chunk_size:
             if interference:  # needs the erase rows' graph into the encoder: one extra forward of those rows
                 t_erase = timestep if not torch.is_tensor(timestep) or timestep.ndim == 0 else timestep[:n_erase]
                 eps_erase = self.student.eps(z[:n_erase], t_erase, student_cond.select(torch.arange(n_erase)))

@@ -133,3 +133,72 @@ def test_chunked_student_pass_gives_the_same_losses_and_gradients():
             assert len(grads) == len(ref_grads)
             for g, g_ref in zip(grads, ref_grads):
                 assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7), (model_id, method, chunk)
+
+
+def test_graph_rows_encoded_only_up_to_eot_give_the_same_losses_and_gradients(monkeypatch):
+    """The retain rows that only feed L_graph and the Top-k drift are encoded up to their last EOT (exact: CLIP
+    is causal and g(·) reads the EOT state); the straightforward path encodes all 77 positions."""
+    from sage_dist.models.text import MAX_LENGTH
+    from sage_dist.train.step import Eraser
+
+    lengths: list[int] = []
+    original = Eraser._graph_length
+
+    def recording(batch):
+        lengths.append(original(batch))
+        return lengths[-1]
+
+    for model_id in ("tiny-sd", "tiny-sdxl"):
+        monkeypatch.setattr(Eraser, "_graph_length", staticmethod(recording))
+        fast_out, fast_grads = _one_step_grads(model_id, 0)
+        assert lengths and max(lengths) < MAX_LENGTH // 2, lengths  # the saving is real
+        monkeypatch.setattr(Eraser, "_graph_length", staticmethod(lambda batch: MAX_LENGTH))
+        ref_out, ref_grads = _one_step_grads(model_id, 0)
+        assert ref_out["graph_loss"] > 0
+        for key in ("loss", "erase_loss", "graph_loss", "retain_loss", "retain_drift_mean"):
+            assert abs(fast_out[key] - ref_out[key]) <= 1e-5 * max(1.0, abs(ref_out[key])), (model_id, key)
+        assert len(fast_grads) == len(ref_grads)
+        for g, g_ref in zip(fast_grads, ref_grads):
+            assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7), model_id
+
+
+def _student_rows_per_step(**overrides) -> tuple[list[int], dict[str, float]]:
+    cfg = tiny_config(**{"erase.warmup_steps": 0, "retain.top_k": 3, **overrides})
+    eraser = _eraser(cfg)
+    rows: list[int] = []
+    eps = eraser.student.eps
+
+    def recording(latents, timestep, cond):
+        if torch.is_grad_enabled() and cond.encoder_hidden_states.requires_grad:
+            rows.append(latents.shape[0])
+        return eps(latents, timestep, cond)
+
+    eraser.student.eps = recording
+    return rows, eraser.train_step(0)
+
+
+def test_image_loss_rows_subsamples_the_top_k_and_equals_the_exact_step_when_m_is_k():
+    import pytest
+
+    rows, _ = _student_rows_per_step()
+    assert sum(rows) == 1 + 3
+    rows, _ = _student_rows_per_step(**{"retain.image_loss_rows": 1})
+    assert sum(rows) == 1 + 1
+    _, exact = _student_rows_per_step()
+    _, same = _student_rows_per_step(**{"retain.image_loss_rows": 3})
+    assert same == exact  # m = k draws nothing and changes nothing
+    with pytest.raises(ValueError, match="image_loss_rows"):
+        tiny_config(**{"retain.top_k": 3, "retain.image_loss_rows": 4})
+
+
+def test_image_loss_rows_draw_each_top_k_row_with_probability_m_over_k():
+    """The m-row mean is an unbiased estimate of the k-row L_image iff every selected row is kept with
+    probability m / k: the step's draw, 600 times (k = 3, m = 1)."""
+    from sage_dist.train import step as step_module
+
+    counts = torch.zeros(3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        kept = step_module.subsample_top_k(torch.arange(3), 1, gen)
+        counts[kept] += 1
+    assert torch.allclose(counts / 600, torch.full((3,), 1 / 3), atol=0.06), counts
