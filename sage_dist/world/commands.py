@@ -36,6 +36,7 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--init-from", default="", help="fine-tune from a pipeline folder (skips the VAE phase)")
+    p.add_argument("--twin-init-from", default="", help="fine-tune the twin from an SDXL pipeline folder")
     p.add_argument("--freeze-text-encoder", action="store_true", help="train only the SD UNet")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR weighting (0: plain eps MSE)")
     p.add_argument("--focus-fraction", type=float, default=0.0, help="share of timesteps drawn from --focus-t-range")
@@ -59,7 +60,7 @@ def _run_train(args) -> int:
         init_from=args.init_from, train_text_encoder=not args.freeze_text_encoder, min_snr_gamma=args.min_snr_gamma,
         focus_fraction=args.focus_fraction, focus_t_range=tuple(args.focus_t_range),
         high_noise_weight_cap=args.high_noise_weight_cap, noise_schedule=args.noise_schedule,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.warmup_steps, twin_init_from=args.twin_init_from,
     )
     summary = train_world(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=1))

@@ -68,6 +68,9 @@ class WorldTrainConfig:
     num_threads: int = 2
     init_from: str = ""
     """Fine-tune: a pipeline folder whose VAE, text encoder and UNet start the SD phase (VAE phase skipped)."""
+    twin_init_from: str = ""
+    """Fine-tune the twin: an SDXL pipeline folder whose second text encoder and UNet start the twin phase (instead
+    of a new encoder 2 and a UNet initialised from the SD UNet). Its encoder 1 is always the SD phase's encoder."""
     train_text_encoder: bool = True
     """False freezes the SD text encoder (keeps an SDXL twin's encoder 1 identical to it when fine-tuning)."""
     focus_fraction: float = 0.0
@@ -88,6 +91,12 @@ class WorldTrainConfig:
 
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"--noise-schedule {self.noise_schedule!r}: use one of {NOISE_SCHEDULES}")
+        for flag, folder, parts in (("--init-from", self.init_from, ("vae", "text_encoder", "unet")),
+                                    ("--twin-init-from", self.twin_init_from, ("text_encoder_2", "unet"))):
+            missing = [part for part in parts if folder and not (Path(folder) / part).is_dir()]
+            if missing:
+                raise ValueError(f"{flag} {folder!r} lacks {missing}: give a diffusers pipeline folder "
+                                 f"(e.g. sage_dist/world/weights/{'sdxl' if 'twin' in flag else 'sd'})")
         if self.batch_size < 1 or self.num_images < self.batch_size:
             raise ValueError(f"need num_images ({self.num_images}) >= batch_size ({self.batch_size}) >= 1")
 
@@ -450,9 +459,18 @@ def train_world(cfg: WorldTrainConfig, out_dir: str | Path, *, resume: bool = Fa
 
     # 3. SDXL twin
     text_encoder_1 = _freeze(copy.deepcopy(sd.ema["text_encoder"] if cfg.train_text_encoder else text_encoder))
-    text_encoder_2 = world_model.build_text_encoder_2(cfg.seed + 1).to(device)
-    twin_unet = world_model.build_unet(cfg.seed + 1, xl=True).to(device)
-    init_twin_unet_from_sd(twin_unet, sd.ema["unet"])
+    if cfg.twin_init_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModelWithProjection
+
+        folder = Path(cfg.twin_init_from)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"),
+                                                                     torch_dtype=torch.float32).to(device)
+        twin_unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32).to(device)
+    else:
+        text_encoder_2 = world_model.build_text_encoder_2(cfg.seed + 1).to(device)
+        twin_unet = world_model.build_unet(cfg.seed + 1, xl=True).to(device)
+        init_twin_unet_from_sd(twin_unet, sd.ema["unet"])
     tokenizer_2 = build_clip_tokenizer(pad_token="!")
     time_ids = torch.tensor([world_model.TIME_IDS], dtype=torch.float32, device=device)
 

@@ -54,3 +54,26 @@ def test_world_train_zero_snr_v_smoke(tmp_path):
     alphas = torch.tensor([0.0, 0.5, 0.9])
     w = _min_snr_weight(alphas, torch.tensor([0, 1, 2]), 5.0, v_prediction=True)
     assert torch.allclose(w, torch.tensor([1.0, 0.5, 0.5]), atol=1e-6)
+
+
+def test_world_fine_tune_from_shipped_style_folders(tmp_path):
+    """--init-from / --twin-init-from start both phases from existing pipelines (the zero-SNR-v fine-tune of the
+    shipped world); a folder without the needed parts fails before any work."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    small = ["--minutes", "0", "--steps", "1", "--twin-minutes", "0", "--twin-steps", "1", "--vae-steps", "1",
+             "--num-images", "64", "--batch-size", "8"]
+    assert main(["world", "train", "--seed", "0", "--out", str(base), *small]) == 0
+    with pytest.raises(ValueError, match="lacks"):
+        main(["world", "train", "--out", str(tmp_path / "bad"), "--twin-init-from", str(base / "sd"), *small])
+    out = tmp_path / "ft"
+    assert main(["world", "train", "--seed", "0", "--out", str(out), *small, "--lr", "1e-12", "--freeze-text-encoder",
+                 "--init-from", str(base / "sd"), "--twin-init-from", str(base / "sdxl"),
+                 "--noise-schedule", "cosine_zero_snr_v"]) == 0
+    start = load_file(str(base / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(str(out / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(tuned[k].float(), v.float(), atol=1e-6) for k, v in start.items())
+    xl = StableDiffusionXLPipeline.from_pretrained(str(out / "sdxl"), torch_dtype=torch.float32)
+    assert xl.scheduler.config.prediction_type == "v_prediction"
