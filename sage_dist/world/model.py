@@ -87,7 +87,8 @@ def build_unet(seed: int, *, xl: bool = False):
 
 
 NOISE_SCHEDULES = ("cosine", "cosine_zero_snr_v")
-"""``cosine``: eps prediction, DDIM "leading" spacing from t=951 (the shipped weights). ``cosine_zero_snr_v``:
+"""``cosine``: eps prediction, DDIM "leading" spacing from t=951 (the session-1 weights). ``cosine_zero_snr_v`` (the
+shipped weights since session 3):
 the same betas rescaled to zero terminal SNR, v-prediction and DDIM "trailing" spacing from t=999 (Lin et al.
 2023, "Common diffusion noise schedules and sample steps are flawed"): sampling then starts from pure noise as
 training saw it, so the model cannot read an attribute (e.g. the world's texture) off the noise pattern."""

@@ -5,7 +5,8 @@ Phases, each resumable from ``OUT/ckpt`` (safetensors + ``state.json``, no pickl
 1. ``vae``: the one-block ``AutoencoderKL`` learns to reconstruct cached world images (near-identity,
    latent noise 10% of the latent std so that the decoder tolerates imprecise samples). Its latents are then
    cached and their std sets ``vae.config.scaling_factor``.
-2. ``sd``: text encoder + UNet jointly, DDPM cosine schedule, eps prediction with Min-SNR-5 weighting,
+2. ``sd``: text encoder + UNet jointly, cosine betas rescaled to zero terminal SNR, v-prediction with Min-SNR-5
+   weighting (``--noise-schedule cosine``: the original eps schedule),
    Adam with warm-up and cosine decay over the time (or step) budget, 10% caption dropout (empty prompt),
    EMA 0.999 (the EMA weights are exported).
 3. ``twin``: SDXL-style twin; its first encoder is the SD encoder (copied, frozen), the second a new
@@ -14,7 +15,9 @@ Phases, each resumable from ``OUT/ckpt`` (safetensors + ``state.json``, no pickl
 Every checkpoint also exports the current EMA pipeline to ``OUT/sd`` (and ``OUT/sdxl``) with
 ``save_pretrained``, so ``sage-dist world quality --model OUT/sd`` can follow the learning curve.
 
-Command (the shipped weights): ``sage-dist world train --seed 0 --out runs/world --minutes 60``;
+Commands of the shipped weights: README "The bundled world" (an H200 run from scratch, then a CPU fine-tune of
+both UNets to zero terminal SNR with ``--init-from``/``--twin-init-from``); from scratch on CPU:
+``sage-dist world train --seed 0 --out runs/world --minutes 60``;
 smoke run: ``sage-dist world train --seed 0 --out /tmp/w --steps 2 --vae-steps 2 --twin-steps 2 --num-images 256``.
 """
 
@@ -76,9 +79,10 @@ class WorldTrainConfig:
     focus_fraction: float = 0.0
     """Fraction of each batch whose timesteps are drawn from ``focus_t_range`` instead of [0, 1000)."""
     focus_t_range: tuple[int, int] = (600, 1000)
-    noise_schedule: str = "cosine"
-    """:data:`sage_dist.world.model.NOISE_SCHEDULES`: "cosine" (eps, the shipped weights) or "cosine_zero_snr_v"
-    (zero terminal SNR, v-prediction, trailing DDIM spacing; exported in the pipelines' scheduler config).
+    noise_schedule: str = "cosine_zero_snr_v"
+    """:data:`sage_dist.world.model.NOISE_SCHEDULES`: "cosine_zero_snr_v" (zero terminal SNR, v-prediction, trailing
+    DDIM spacing; exported in the pipelines' scheduler config; the shipped weights) or "cosine" (eps prediction,
+    DDIM from t = 951: the model reads the 2-px textures off the signal left at t = 951, issue 3).
     Min-SNR weighting then uses the v-loss form clamp(snr, 1, gamma) / (snr + 1), so t = 999 (snr 0) is trained."""
     high_noise_weight_cap: float = 0.0
     """If > 0, weight each sample's eps loss by clamp(1 / snr, 1, cap): emphasises getting x0 right at high noise,
