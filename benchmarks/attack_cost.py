@@ -34,6 +34,14 @@ def _build(model: str):
     return build_sd14_shaped(0) if model == "sd14-shape" else load_pipeline(model)
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so wall-clock timers measure it (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class _FixedDraw:
     """Wraps a DiffusionSampler: i fixed to S − 2 (a one-step rollout) and rollout time recorded."""
 
@@ -47,8 +55,10 @@ class _FixedDraw:
         original = sampler.rollout
 
         def timed(*args, **kwargs):
+            _sync()
             t0 = time.perf_counter()
             out = original(*args, **kwargs)
+            _sync()
             self.rollout_s += time.perf_counter() - t0
             self.rollout_steps += sampler.ddim_steps - 1 - args[2]
             return out

@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attack_cost import _build, _FixedDraw  # noqa: E402
+from attack_cost import _build, _FixedDraw, _sync  # noqa: E402
 
 PHASES = ("esd_reference", "advunlearn", "sage_warmup", "sage_cyclic_reference", "sage_cyclic_fast")
 EXTRA_PHASES = ("sage_cyclic_fast_onepass", "sage_cyclic_fast_m2", "sage_cyclic_fast_m1")
@@ -79,14 +79,18 @@ def _time_parts(eraser) -> dict[str, float]:
     return parts
 
 
-def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> None:
+def _phase(name: str, model: str, attack_steps: int, profile: bool, queue, device: str = "cpu") -> None:
     import torch
 
     from sage_dist.config import StudyConfig
+    from sage_dist.models.load import frozen_dtype
     from sage_dist.retention.prompts import resolve_retain_prompts
     from sage_dist.train.step import Eraser
 
     pipe = _build(model)
+    if device != "cpu":  # frozen parts in the engine's default dtype there (bf16 on CUDA); τ_n stays fp32
+        pipe.to(torch.device(device), frozen_dtype("auto", torch.device(device)))
+        torch.cuda.reset_peak_memory_stats()
     method = {"esd_reference": "esd", "advunlearn": "advunlearn"}.get(name, "sage")
     flat = {"model.model_id": "world" if model == "world" else "tiny-sd", "erase.method": method,
             "erase.warmup_steps": 5 if name == "sage_warmup" else 0, "optim.num_steps": 10,
@@ -127,8 +131,10 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> No
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         prof.__enter__()
     parts = _time_parts(eraser) if profile else {}
+    _sync()
     t0 = time.perf_counter()
     eraser.train_step(1)
+    _sync()
     measured = time.perf_counter() - t0
     if parts:
         parts["rest"] = measured - sum(parts.values())
@@ -147,14 +153,19 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue) -> No
 
         state = eraser.concepts[cfg.erase.erase_concept[0]]
         fixed.rollout_s, fixed.rollout_steps = 0.0, 0
+        _sync()
         t0 = time.perf_counter()
         outside_in_attack(eraser.conditioner, eraser.sampler, state.attack, state.cond, eraser.uncond(1),
                           attack_cfg.attack, start_guidance=cfg.erase.start_guidance, generator=eraser.generator,
                           max_norms=eraser.max_norms)
+        _sync()
         step_s = time.perf_counter() - t0 + (mean_rollout - 1) * fixed.per_step()
         out["outside_in_step_expected_seconds"] = step_s
         out["expected_seconds"] += (attack_steps - 1) * step_s
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device != "cpu":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["iterations_per_second"] = 1.0 / out["expected_seconds"]
     queue.put((name, out))
 
 
@@ -165,6 +176,8 @@ def main() -> None:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES + EXTRA_PHASES}")
     parser.add_argument("--profile", action="store_true", help="print a torch profiler table per phase")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (frozen UNet/VAE/encoders in bf16 there; "
+                        "adds peak GPU memory and iterations per second)")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     table: dict[str, dict[str, dict]] = {}
@@ -172,7 +185,7 @@ def main() -> None:
         table[model] = {}
         for name in args.phases.split(","):
             queue = ctx.Queue()
-            proc = ctx.Process(target=_phase, args=(name, model, args.attack_steps, args.profile, queue))
+            proc = ctx.Process(target=_phase, args=(name, model, args.attack_steps, args.profile, queue, args.device))
             proc.start()
             key, value = queue.get()
             proc.join()
