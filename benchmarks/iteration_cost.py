@@ -67,7 +67,8 @@ def _time_parts(eraser) -> dict[str, float]:
         return wrapper
 
     eraser.attack = timed("attack", eraser.attack)
-    eraser.conditioner.condition = timed("text encoder forward", eraser.conditioner.condition)
+    # condition() goes through condition_groups(), which the step's gradient forward of τ_n calls directly
+    eraser.conditioner.condition_groups = timed("text encoder forward", eraser.conditioner.condition_groups)
     eraser.student.eps = timed("student UNet forward", eraser.student.eps, lambda *a, **k: torch.is_grad_enabled())
     if eraser.bank is not None:
         eraser.bank.sample = timed("bank lookup (+ misses)", eraser.bank.sample)

@@ -172,8 +172,10 @@ class RetainConfig:
     image_loss_rows: int = 0
     """Approximation, off by default (0: L_image over all k selected prompts, spec §1.7). m in 1..top_k: each
     step computes L_image over m of the k, drawn uniformly without replacement. The mean over the m rows is an
-    unbiased estimate of the mean over the k, and each dropped row saves one frozen and one student UNet row
-    (forward and backward). Issue 8: the effect on RER and retention is measured in the README."""
+    unbiased estimate of the mean over the k; each dropped row saves one student UNet forward + backward (and,
+    without a warm trajectory bank, its rollout and frozen-target rows). SAGE only (ESD and AdvUnlearn ignore
+    it). With W Ray Train workers it applies per worker: each keeps ceil(m / W) of its ceil(k / W) rows.
+    Issue 8: the effect on RER and retention is measured in the README (it costs retention on some seeds)."""
     top_k_selection: Literal["most_drifted", "least_concept_similar", "random", "all"] = "most_drifted"
     """Which k: lowest cos(g_n(r), g_o(r)) (default), least similar to the concept (alternative reading),
     random, or all b_retain (AdvUnlearn-style)."""

@@ -232,8 +232,9 @@ def prefix_token_attack(
     x0 = reference_latents.detach()
     num_train = noise_scheduler.config.num_train_timesteps
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
-    if cfg.target != "original":
-        denoising_target(x0, x0, 0.5, prediction_type)  # unsupported prediction types fail before any work
+    if cfg.target != "original" and prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler prediction_type {prediction_type!r}: the prefix-token attack supports 'epsilon' "
+                         "and 'v_prediction'")
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
     losses: list[float] = []
     outcome = AttackOutcome(success=False, adversarial=None, num_judged=0)

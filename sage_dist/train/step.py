@@ -7,7 +7,8 @@ This is the file to read for "what happens in a step". ``Eraser.train_step`` doe
 2. the retain batch: the Top-k selection (most drifted) from a no-grad pass of τ_n truncated after EOT;
 3. one pass of the trainable encoder τ_n with gradient (a single forward, so DDP syncs once) over
    [x; selected retain prompts] at 77 positions (UNet conditioning) and over the retain batch up to its
-   last EOT (SAGE's global semantic-graph loss reads only pooled EOT features: exact, CLIP is causal);
+   last EOT (SAGE's global semantic-graph loss reads only pooled features g(·), the EOT state or the mean over
+   positions 1..EOT: exact, CLIP is causal);
 4. one partial DDIM rollout of the frozen model for [concept; selected retain prompts], sharing i and t;
 5. frozen targets (e_∅, e_c, ε_o(r)) and the student's predictions, in two batched UNet calls (the student's
    in chunks of ``model.student_chunk_size`` rows on SD/SDXL-size UNets, each with its own UNet backward, then
@@ -214,7 +215,8 @@ class Eraser:
 
     def _losses(self, eps_student: Tensor, n_erase: int, eps_uncond: Tensor, eps_concept: Tensor,
                 eps_retain_original: Tensor, graph_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(L_erase, L_image, L) of spec §1.7 from the student's predictions ``[n_erase + k, C, H, W]``."""
+        """(L_erase, L_image, L) of spec §1.7 from the student's predictions ``[n_erase + k, C, H, W]`` (k: the selected
+        retain rows, m of them with ``retain.image_loss_rows``)."""
         cfg = self.cfg
         l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)
         zero = torch.zeros((), device=eps_student.device)
@@ -307,12 +309,13 @@ class Eraser:
             shard = self.retain_sampler.next_batch()[self.rank :: self.world_size]
 
         # 3. Top-k selection (most drifted, from the pooled features of a no-grad pass) and the global graph.
-        #    The graph and the drift only read pooled features at EOT, which a causal CLIP encoder computes from
+        #    The graph and the drift only read pooled features (EOT state, or mean over 1..EOT), which a causal CLIP
+        #    encoder computes from
         #    the positions up to EOT: those rows are encoded only that far (exact, issue 8); the UNet rows
         #    (erase prompts + selected retain prompts) get all 77 positions.
         zero = torch.zeros((), device=self.sampler.device)
         l_graph, selected = zero, torch.arange(0)
-        graph_rows = None
+        graph_rows, retain_batch = None, None
         if shard:
             retain_batch = self.conditioner.embed(shard)
             length = self._graph_length(retain_batch)

@@ -464,6 +464,10 @@ def train_world(cfg: WorldTrainConfig, out_dir: str | Path, *, resume: bool = Fa
     # 3. SDXL twin
     text_encoder_1 = _freeze(copy.deepcopy(sd.ema["text_encoder"] if cfg.train_text_encoder else text_encoder))
     if cfg.twin_init_from:
+        if cfg.train_text_encoder or not cfg.init_from:
+            logger.warning("--twin-init-from %s: its UNet and encoder 2 were trained with another encoder 1 than this "
+                           "run's SD encoder; use --init-from <the same world's sd> --freeze-text-encoder to keep them "
+                           "consistent", cfg.twin_init_from)
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModelWithProjection
 

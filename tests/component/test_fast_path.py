@@ -149,6 +149,7 @@ def test_graph_rows_encoded_only_up_to_eot_give_the_same_losses_and_gradients(mo
         return lengths[-1]
 
     for model_id in ("tiny-sd", "tiny-sdxl"):
+        lengths.clear()
         monkeypatch.setattr(Eraser, "_graph_length", staticmethod(recording))
         fast_out, fast_grads = _one_step_grads(model_id, 0)
         assert lengths and max(lengths) < MAX_LENGTH // 2, lengths  # the saving is real
@@ -202,3 +203,61 @@ def test_image_loss_rows_draw_each_top_k_row_with_probability_m_over_k():
         kept = step_module.subsample_top_k(torch.arange(3), 1, gen)
         counts[kept] += 1
     assert torch.allclose(counts / 600, torch.full((3,), 1 / 3), atol=0.06), counts
+
+
+def test_two_group_encoder_pass_equals_the_single_77_position_pass_of_the_old_step():
+    """Against the pre-session-3 step structure: one τ_n pass over [erase; all retain prompts] at 77 positions, the
+    graph loss and the drift from its retain rows, the UNet rows selected from it. The new step takes the drift
+    from a no-grad pass up to EOT and encodes [erase; selected] at 77 and the retain rows up to EOT in one call.
+    Same drift, same loss, same gradients (tiny SD and the SDXL twin with both encoders trained, so the pooled
+    ``text_embeds`` of encoder 2 is covered; mean pooling too)."""
+    from sage_dist.losses import graph_loss
+    from sage_dist.models.text import MAX_LENGTH, PromptBatch
+    from sage_dist.models.tiny import build_tiny_sdxl
+
+    for build, encoders, pooling in ((build_tiny_sd, (0,), "eot"), (build_tiny_sdxl, (0, 1), "eot"),
+                                     (build_tiny_sd, (0,), "mean")):
+        tc = TextConditioner(build(0), train_encoders=encoders, pooling=pooling)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in tc.trainable_parameters:
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+        x = tc.embed(["a photo of a triangle in the city"])
+        shard = ["a red circle", "a photo of banana on a table", "a blue striped square", "chair"]
+        retain = tc.embed(shard)
+        with torch.no_grad():
+            cond_o = tc.condition(retain, trained=False)
+        selected = torch.tensor([2, 0])
+        weights = None
+
+        def total(graph_feats, unet_cond):
+            nonlocal weights
+            if weights is None:
+                weights = torch.randn(unet_cond.encoder_hidden_states.shape, generator=gen)
+            loss = sum(graph_loss(graph_feats[e], cond_o.features[e], kind="mse") for e in encoders)
+            loss = loss + (unet_cond.encoder_hidden_states * weights).sum()
+            if unet_cond.added_cond_kwargs is not None:
+                loss = loss + unet_cond.added_cond_kwargs["text_embeds"].square().sum()
+            return loss
+
+        old = tc.condition(PromptBatch.cat([x, retain]), trained=True)
+        rows = torch.arange(1, 1 + len(shard))
+        old_drift = torch.stack([(old.features[e][rows] * cond_o.features[e]).sum(-1) for e in encoders]).mean(0)
+        old_loss = total([f[rows] for f in old.features], old.select(torch.cat([torch.tensor([0]), 1 + selected])))
+        old_grads = torch.autograd.grad(old_loss, tc.trainable_parameters)
+
+        length = int(retain.eot_index.max()) + 1
+        assert length < MAX_LENGTH // 4
+        with torch.no_grad():
+            feats = tc.condition(retain, trained=True, length=length, through_wrapper=False).features
+        new_drift = torch.stack([(feats[e] * cond_o.features[e]).sum(-1) for e in encoders]).mean(0)
+        unet_cond, graph_cond = tc.condition_groups([(PromptBatch.cat([x, retain.select(selected)]), MAX_LENGTH),
+                                                     (retain, length)], trained=True)
+        new_loss = total(graph_cond.features, unet_cond)
+        new_grads = torch.autograd.grad(new_loss, tc.trainable_parameters)
+
+        assert torch.allclose(new_drift, old_drift, atol=1e-6)
+        assert torch.allclose(new_loss, old_loss, rtol=1e-6), (float(new_loss), float(old_loss))
+        scale = max(float(g.abs().max()) for g in old_grads)  # float32 summation order differs: compare at its scale
+        worst = max(float((g_new - g_old).abs().max()) for g_new, g_old in zip(new_grads, old_grads))
+        assert worst <= 2e-6 * scale, (worst, scale)

@@ -65,7 +65,7 @@ def test_world_fine_tune_from_shipped_style_folders(tmp_path):
     base = tmp_path / "base"
     small = ["--minutes", "0", "--steps", "1", "--twin-minutes", "0", "--twin-steps", "1", "--vae-steps", "1",
              "--num-images", "64", "--batch-size", "8"]
-    assert main(["world", "train", "--seed", "0", "--out", str(base), *small]) == 0
+    assert main(["world", "train", "--seed", "5", "--out", str(base), *small]) == 0  # another seed than the fine-tune
     with pytest.raises(ValueError, match="lacks"):
         main(["world", "train", "--out", str(tmp_path / "bad"), "--twin-init-from", str(base / "sd"), *small])
     out = tmp_path / "ft"
@@ -74,6 +74,9 @@ def test_world_fine_tune_from_shipped_style_folders(tmp_path):
                  "--noise-schedule", "cosine_zero_snr_v"]) == 0
     start = load_file(str(base / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
     tuned = load_file(str(out / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(tuned[k].float(), v.float(), atol=1e-6) for k, v in start.items())
+    start = load_file(str(base / "sdxl" / "text_encoder_2" / "model.safetensors"))
+    tuned = load_file(str(out / "sdxl" / "text_encoder_2" / "model.safetensors"))
     assert all(torch.allclose(tuned[k].float(), v.float(), atol=1e-6) for k, v in start.items())
     xl = StableDiffusionXLPipeline.from_pretrained(str(out / "sdxl"), torch_dtype=torch.float32)
     assert xl.scheduler.config.prediction_type == "v_prediction"
