@@ -309,10 +309,9 @@ class Eraser:
             shard = self.retain_sampler.next_batch()[self.rank :: self.world_size]
 
         # 3. Top-k selection (most drifted, from the pooled features of a no-grad pass) and the global graph.
-        #    The graph and the drift only read pooled features (EOT state, or mean over 1..EOT), which a causal CLIP
-        #    encoder computes from
-        #    the positions up to EOT: those rows are encoded only that far (exact, issue 8); the UNet rows
-        #    (erase prompts + selected retain prompts) get all 77 positions.
+        #    The graph and the drift only read pooled features (EOT state, or mean over 1..EOT), which a causal
+        #    CLIP encoder computes from the positions up to EOT: those rows are encoded only that far (exact,
+        #    issue 8); the UNet rows (erase prompts + selected retain prompts) get all 77 positions.
         zero = torch.zeros((), device=self.sampler.device)
         l_graph, selected = zero, torch.arange(0)
         graph_rows, retain_batch = None, None
