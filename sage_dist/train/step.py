@@ -87,6 +87,10 @@ class Eraser:
                                            trainable=cfg.model.trainable, trainable_layers=cfg.model.trainable_layers,
                                            pooling=cfg.retain.pooling)
         size = self.conditioner.resolution // pipe.vae_scale_factor
+        # The frozen UNet must not require grad: a pipeline built in code (diffusers' default requires_grad=True,
+        # e.g. models.tiny) would otherwise get weight gradients for every UNet parameter in each student backward
+        # (on the SD-1.4 shape that was ~14 of a 60 s step, and 3.4 GB of .grad). ESD-x trains its own copy.
+        pipe.unet.requires_grad_(False)
         self.sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config,
                                         (pipe.unet.config.in_channels, size, size), cfg.erase.ddim_steps)
         self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)

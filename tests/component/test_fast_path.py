@@ -261,3 +261,16 @@ def test_two_group_encoder_pass_equals_the_single_77_position_pass_of_the_old_st
         scale = max(float(g.abs().max()) for g in old_grads)  # float32 summation order differs: compare at its scale
         worst = max(float((g_new - g_old).abs().max()) for g_new, g_old in zip(new_grads, old_grads))
         assert worst <= 2e-6 * scale, (worst, scale)
+
+
+def test_the_frozen_unet_gets_no_weight_gradients_even_from_a_pipeline_built_in_code():
+    """models.tiny builds pipelines whose parameters require grad (diffusers' default); the student backward must
+    still only reach the conditioning, not compute (and keep) gradients for every UNet weight."""
+    pipe = build_tiny_sd(0)
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+    from sage_dist.train.step import Eraser
+
+    eraser = Eraser(tiny_config(**{"erase.warmup_steps": 0}), pipe, [f"a photo of thing {i}" for i in range(40)])
+    eraser.train_step(0)
+    assert not any(p.requires_grad or p.grad is not None for p in pipe.unet.parameters())
+    assert any(p.grad is not None for p in eraser.trainable_parameters)
