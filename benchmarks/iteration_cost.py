@@ -110,8 +110,8 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue, devic
     mean_rollout = (eraser.sampler.ddim_steps - 1) / 2
     out: dict[str, float] = {}
     if not name.startswith("sage_cyclic_fast") and not (model == "sd14-shape" and name == "advunlearn"):
-        # warm-up call (allocator, caches): measured cold, the SD-shape ESD step took ~10 s longer (32.7 s), which
-        # flattered every ratio to it. The fast phases warm up in their bank-filling step; AdvUnlearn's ~150 s
+        # warm-up call (allocator, caches): measured cold, the SD-shape ESD step took ~5 s longer (32.7 vs 28.0 s),
+        # which flattered every ratio to it. The fast phases warm up in their bank-filling step; AdvUnlearn's ~150 s
         # SD step is measured cold (its ratio is dominated by the J - 1 extrapolated attack steps).
         eraser.train_step(0)
     if name.startswith("sage_cyclic_fast"):
