@@ -393,7 +393,11 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
             tuner = build_tuner(cfg, search_space, opts, objectives, settings, trainable, concurrency)
         results = tuner.fit()
     except BaseException as err:
-        parent.set_tags({"interrupted": f"{type(err).__name__}: {err}"[:500]})
+        # Close the parent run so the UI does not show it RUNNING forever: KILLED for an interrupt (a resume sets
+        # it back to RUNNING), FAILED for an error raised while building or running the tuner.
+        reason = f"{type(err).__name__}: {err}"[:500]
+        parent.set_tags({"interrupted": reason})
+        parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", reason=reason)
         raise
 
     rows = rows_from_results(results, objectives)

@@ -186,3 +186,21 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, local
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(out.study_dir))
     assert len(searcher._ot_study.trials) == 2  # the searcher's history survived the kill
+
+
+def test_parent_run_is_closed_when_the_tuner_cannot_be_built(tmp_path, local_ray, monkeypatch):
+    """An error between the parent run's start and the study's end leaves the parent FAILED with the reason,
+    not RUNNING forever in the UI."""
+    from sage_dist.tracking.mlflow_tracker import search_runs
+    from sage_dist.tune import study
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tuner construction failed (injected)")
+
+    monkeypatch.setattr(study, "build_tuner", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RuntimeError, match="injected"):
+        study.execute(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 1, 1))
+    (parent,) = search_runs(uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")
+    assert parent.info.status == "FAILED"
+    assert "injected" in parent.data.tags["failure_reason"]
