@@ -129,6 +129,9 @@ class Eraser:
         checkpointing = cfg.model.gradient_checkpointing
         if checkpointing == "on" or (checkpointing == "auto" and unet_params >= 2e9):
             self.student.unet.enable_gradient_checkpointing()
+        elif getattr(self.student.unet, "is_gradient_checkpointing", False):
+            # a pipeline reused from an earlier run (the process's model cache) may still have it on
+            self.student.unet.disable_gradient_checkpointing()
         self.bank = None
         if cfg.erase.rollout_cache:
             self.bank = TrajectoryBank(self.sampler, bank_size=cfg.erase.rollout_bank_size,
