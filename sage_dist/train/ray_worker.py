@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -119,6 +120,21 @@ def _encoders_from_checkpoint(folder: Path, pipe, train_encoders: tuple[int, ...
     return out
 
 
+def ddp_options(cfg: StudyConfig, pipe) -> dict[str, Any]:
+    """DistributedDataParallel keyword arguments for the trainable encoders of ``cfg`` on ``pipe``.
+
+    SDXL conditions its UNet on the *penultimate* states (``hidden_states[-2]``) of both encoders, and only the
+    second encoder's final states feed the UNet (``text_embeds``). So when the first encoder (index 0 in
+    ``model.train_encoders``) is trained, its last block and final LayerNorm reach the loss only through the
+    pooled features of SAGE's graph loss. In steps without that loss (ESD, AdvUnlearn, ``retain.graph_weight=0``, a
+    retain shard of one prompt) they get no gradient, and DDP's reducer fails at the next forward ("Expected to
+    have finished reduction in the prior iteration") unless told to look for unused parameters. SD 1.x/2.x
+    condition on the final states, so every trainable parameter is used and the cheaper default stays.
+    """
+    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return {"find_unused_parameters": True} if is_sdxl and 0 in cfg.model.train_encoders else {}
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Run one erasure on this worker (see module docstring); returns the final metrics (rank 0; others {}).
 
@@ -162,7 +178,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         import ray.train
         import ray.train.torch
 
-        wrap = ray.train.torch.prepare_model
+        wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options(cfg, pipe))
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             resume_ctx = checkpoint.as_directory()

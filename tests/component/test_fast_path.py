@@ -274,3 +274,46 @@ def test_the_frozen_unet_gets_no_weight_gradients_even_from_a_pipeline_built_in_
     eraser.train_step(0)
     assert not any(p.requires_grad or p.grad is not None for p in pipe.unet.parameters())
     assert any(p.grad is not None for p in eraser.trainable_parameters)
+
+
+def test_gradient_checkpointing_follows_each_runs_config_on_a_reused_pipeline():
+    """Runs in one process share cached pipelines: "on" in one run must not leak into the next run's "off"."""
+    pipe = build_tiny_sd(0)
+    from sage_dist.train.step import Eraser
+
+    retain = [f"a photo of thing {i}" for i in range(40)]
+    Eraser(tiny_config(**{"model.gradient_checkpointing": "on"}), pipe, retain)
+    assert pipe.unet.is_gradient_checkpointing
+    Eraser(tiny_config(**{"model.gradient_checkpointing": "off"}), pipe, retain)
+    assert not pipe.unet.is_gradient_checkpointing
+    Eraser(tiny_config(**{"model.gradient_checkpointing": "auto"}), pipe, retain)  # tiny UNet: auto = off
+    assert not pipe.unet.is_gradient_checkpointing
+
+
+def test_ddp_options_let_sdxl_steps_without_the_graph_loss_train_under_ddp(tmp_path):
+    """ESD on SDXL's first encoder leaves its last block unused (the UNet reads the penultimate states); plain DDP
+    then fails at the second step's forward. A one-process gloo group runs the same reducer as a Ray Train
+    worker group; SD keeps DDP's defaults."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sage_dist.models.tiny import build_tiny_sdxl
+    from sage_dist.train.ray_worker import ddp_options
+    from sage_dist.train.step import Eraser
+
+    assert ddp_options(tiny_config(), build_tiny_sd(0)) == {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        cfg = tiny_config(**{"model.model_id": "tiny-sdxl", "erase.method": "esd", "erase.warmup_steps": 0})
+        pipe = build_tiny_sdxl(0)
+        eraser = Eraser(cfg, pipe, [f"a photo of thing {i}" for i in range(40)])
+        eraser.conditioner.wrap_trainable(lambda m: DistributedDataParallel(m, **ddp_options(cfg, pipe)))
+        losses = [eraser.train_step(step)["loss"] for step in range(2)]
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.isfinite(torch.tensor(losses)))
