@@ -413,7 +413,8 @@ def erase_objective(eraser: Eraser, concept: str, *, seed: int, num_draws: int =
     ``num_draws`` fixed (i, t, noise) draws of ``seed``.
 
     A deterministic yardstick for "did training lower the erase objective" (independent of the training
-    RNG). Returns a float (mean squared error to the negative-guidance target, spec §1.4).
+    RNG). The student is τ_n through the frozen UNet, or the original encoder through ESD-x's trained UNet copy.
+    Returns a float (mean squared error to the negative-guidance target, spec §1.4).
     """
     generator = torch.Generator().manual_seed(seed)
     state = eraser.concepts[concept]
@@ -426,6 +427,6 @@ def erase_objective(eraser: Eraser, concept: str, *, seed: int, num_draws: int =
         eps_u, eps_c = eraser.sampler.eps(torch.cat([z, z]), draw.timestep,
                                           Conditioning.cat([eraser.uncond(1), state.cond])).chunk(2)
         x = prompt if prompt is not None else state.word
-        student = eraser.sampler.eps(z, draw.timestep, eraser.conditioner.condition(x, trained=True))
+        student = eraser.student.eps(z, draw.timestep, eraser.conditioner.condition(x, trained=True))
         total += float(erase_loss(student, eps_u, eps_c, negative_guidance=eta))
     return total / num_draws

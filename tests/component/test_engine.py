@@ -102,7 +102,7 @@ def test_attack_gradient_reaches_only_template_embeddings(tiny_sd):
     assert torch.equal(assembled[4], tc.token_embedding(0)(prompt.ids[0][4:5])[0])
 
 
-@pytest.mark.parametrize("method", ["sage", "esd", "advunlearn"])
+@pytest.mark.parametrize("method", ["sage", "esd", "advunlearn", "esd-x"])
 def test_each_method_lowers_its_erase_objective_in_warmup(method):
     # tiny random UNets barely respond to text (‖e_c − e_∅‖² ~ 1e-4), so the trend needs ~16 steps to show
     cfg = tiny_config(**{"erase.method": method, "optim.num_steps": 16, "optim.lr": 1e-3, "erase.warmup_steps": 16})
