@@ -10,6 +10,10 @@ Running that in full costs ~8 minutes per rollout on this CPU, so each phase is 
 index fixed to give one DDIM step, the time of one DDIM step at that batch is measured in the same phase,
 and the expected cost is reported as measured + (E[n] − 1) x DDIM-step time ("expected" columns). Both
 numbers are printed; ratios use the expected costs (and the measured ones, for reference).
+
+Two outside-in baselines: ``outside_in`` is AdvUnlearn's attack as implemented here and in AdvUnlearn's code
+(a fresh rollout at every attack step); ``outside_in_one_rollout`` is issue 8's anchor, one rollout and one
+frozen target per attack, then J UNet forward+backward steps on it (its target: inside-out >= 150x cheaper).
 """
 
 from __future__ import annotations
@@ -69,6 +73,42 @@ class _FixedDraw:
         return self.rollout_s / max(self.rollout_steps, 1)
 
 
+def _outside_in_one_rollout(tc, pipe, prompt, concept, norms, attack_steps: int, steps_run: int) -> dict[str, float]:
+    """The outside-in attack with *one* rollout per attack (issue 8's anchor, cheaper than AdvUnlearn, which
+    re-draws z_t at every attack step): one partial DDIM rollout and one frozen target pass, then J steps of
+    [τ_n(adversarial prompt) -> UNet forward -> loss -> gradient into the prompt tokens -> Adam]. ``steps_run``
+    of the J steps are run and timed; the rollout runs one DDIM step and the mean rollout is extrapolated."""
+    import torch
+
+    from sage_dist.attack.prompt import attack_update
+    from sage_dist.train.rollout import DiffusionSampler
+
+    size = tc.resolution // pipe.vae_scale_factor
+    sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config, (pipe.unet.config.in_channels, size, size), 50)
+    fixed = _FixedDraw(sampler)
+    gen = torch.Generator().manual_seed(0)
+    draw = sampler.draw(gen)
+    t0 = time.perf_counter()
+    z = sampler.rollout(concept, tc.uncond(1), draw.ddim_index, guidance=3.0, noise=sampler.initial_noise(1, gen))
+    with torch.no_grad():
+        eps_target = sampler.eps(z, draw.timestep, concept)
+    setup = time.perf_counter() - t0
+    work = prompt.detached()
+    leaves = [work.tokens[e].requires_grad_(True) for e in tc.train_encoders]
+    optimizer = torch.optim.Adam(leaves, lr=1e-3)
+    t0 = time.perf_counter()
+    for _ in range(steps_run):
+        eps_adv = sampler.eps(z, draw.timestep, tc.condition(work.assemble(tc), trained=True))
+        grads = torch.autograd.grad(torch.mean((eps_adv - eps_target) ** 2), leaves)
+        with torch.no_grad():
+            attack_update(leaves, grads, optimizer, attack_lr=1e-3)
+    per_step = (time.perf_counter() - t0) / steps_run
+    mean_rollout = (sampler.ddim_steps - 1) / 2
+    expected = setup + (mean_rollout - 1) * fixed.per_step() + attack_steps * per_step
+    return {"measured_steps": float(steps_run), "setup_seconds": setup, "ddim_step_seconds": fixed.per_step(),
+            "seconds_per_attack_step": per_step, "expected_seconds": expected, "seconds": expected}
+
+
 def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queue) -> None:
     import torch
 
@@ -83,7 +123,7 @@ def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queu
     pipe = _build(model)
     mean_rollout = (50 - 1) / 2
     out: dict[str, float] = {}
-    if name in ("inside_out", "outside_in"):
+    if name in ("inside_out", "outside_in", "outside_in_one_rollout"):
         tc = TextConditioner(pipe)
         prompt = build_attack_prompt(tc, "nudity", template="a photo of {}")
         with torch.no_grad():
@@ -96,6 +136,8 @@ def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queu
             t0 = time.perf_counter()
             inside_out_attack(tc, prompt, concept.features, cfg, max_norms=norms)
             out["seconds"] = out["expected_seconds"] = time.perf_counter() - t0
+        elif name == "outside_in_one_rollout":
+            out.update(_outside_in_one_rollout(tc, pipe, prompt, concept, norms, attack_steps, outside_in_steps))
         else:
             size = tc.resolution // pipe.vae_scale_factor
             sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config, (pipe.unet.config.in_channels, size, size), 50)
@@ -136,7 +178,7 @@ def main() -> None:
     parser.add_argument("--model", default="sd14-shape", help="'sd14-shape' (default), 'tiny-sd' or 'world'")
     parser.add_argument("--attack-steps", type=int, default=30, help="J of both attacks (spec: 30)")
     parser.add_argument("--outside-in-steps", type=int, default=1, help="outside-in steps actually run")
-    parser.add_argument("--phases", default="inside_out,outside_in,esd_iteration,sage_iteration")
+    parser.add_argument("--phases", default="inside_out,outside_in,outside_in_one_rollout,esd_iteration,sage_iteration")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
@@ -153,8 +195,12 @@ def main() -> None:
     if "inside_out" in results and "outside_in" in results:
         r_exp = results["outside_in"]["expected_seconds"] / results["inside_out"]["seconds"]
         r_meas = results["outside_in"]["seconds"] / results["inside_out"]["seconds"]
-        print(f"outside-in / inside-out attack cost: {r_exp:.1f}x expected (mean rollout), {r_meas:.1f}x with the "
-              "one-step rollout actually run   [paper: 62.1x; target here: >100x]")
+        print(f"outside-in (AdvUnlearn: a rollout per step) / inside-out attack cost: {r_exp:.1f}x expected (mean "
+              f"rollout), {r_meas:.1f}x with the one-step rollout actually run   [paper: 62.1x]")
+    if "inside_out" in results and "outside_in_one_rollout" in results:
+        r = results["outside_in_one_rollout"]["expected_seconds"] / results["inside_out"]["seconds"]
+        print(f"outside-in with one rollout / inside-out attack cost: {r:.1f}x expected   [issue 8 target: >= 150x; "
+              "paper: 62.1x]")
     if "sage_iteration" in results and "esd_iteration" in results:
         r = results["sage_iteration"]["expected_seconds"] / results["esd_iteration"]["expected_seconds"]
         print(f"SAGE cyclic iteration / ESD iteration: {r:.2f}x expected")
