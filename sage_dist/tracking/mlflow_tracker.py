@@ -233,13 +233,20 @@ class MlflowTracker:
     @classmethod
     def find_or_start(cls, target: TrackingTarget, experiment_id: str, *, key: str, run_name: str,
                       tags: dict[str, Any], parent_run_id: str | None = None) -> "MlflowTracker":
-        """The run tagged ``sage_dist.key = key`` (set back to RUNNING), or a new one."""
+        """The run tagged ``sage_dist.key = key`` (set back to RUNNING; an earlier failure's ``failure_reason`` and
+        ``interrupted`` tags move to ``previous_failure_reason``), or a new one."""
         client = _client(target.tracking_uri)
         found = client.search_runs([experiment_id], filter_string=f"tags.`sage_dist.key` = '{key}'", max_results=1)
         if found:
             tracker = cls(target.tracking_uri, found[0].info.run_id)
             client.update_run(tracker.run_id, status="RUNNING")
-            tracker.set_tags({**tags, "sage_dist.attempts": int(found[0].data.tags.get("sage_dist.attempts", "1")) + 1})
+            old_tags = found[0].data.tags
+            stale = [t for t in ("failure_reason", "interrupted") if t in old_tags]
+            previous = {"previous_failure_reason": old_tags[stale[0]]} if stale else {}
+            for t in stale:
+                client.delete_tag(tracker.run_id, t)
+            tracker.set_tags({**tags, **previous,
+                              "sage_dist.attempts": int(old_tags.get("sage_dist.attempts", "1")) + 1})
             return tracker
         return cls.start(target, experiment_id, run_name=run_name, tags={**tags, "sage_dist.key": key},
                          parent_run_id=parent_run_id)

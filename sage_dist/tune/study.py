@@ -374,50 +374,61 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
         target, experiment_id, key=f"study:{study_dir}", run_name=study_dir.name,
         tags={"git_sha": sha, "model": cfg.model.model_id, "concept": ",".join(cfg.erase.erase_concept),
               "seed": cfg.optim.seed, "study_dir": str(study_dir), "sage_dist.kind": "study"})
-    parent.log_params({**cfg.to_flat_dict(), "study.num_samples": opts.num_samples, "study.mode": opts.mode,
-                       "study.objectives": ",".join(f"{m}:{d}" for m, d in zip(objectives.metrics, objectives.modes)),
-                       "study.search_space": "; ".join(f"{k}={v}" for k, v in dists.items())})
-    print(ui_instructions(target, cfg.tracking.experiment_name))
-    parent.set_tags({"ray": where, "max_concurrent_trials": concurrency})
-    log.info("Ray: %s; %d trial(s) at once", where, concurrency)
-
-    settings = TrialSettings(study_dir=str(study_dir), tracking_uri=target.tracking_uri, experiment_id=experiment_id,
-                             parent_run_id=parent.run_id, git_sha=sha, driver_cpus=opts.driver_cpus,
-                             log_images=opts.log_images, log_encoder=opts.log_encoder)
-    trainable = tune.with_resources(run_trial, {"cpu": opts.driver_cpus})
     try:
+        objective_list = ",".join(f"{m}:{d}" for m, d in zip(objectives.metrics, objectives.modes))
+        parent.log_params({**cfg.to_flat_dict(), "study.num_samples": opts.num_samples, "study.mode": opts.mode,
+                           "study.objectives": objective_list,
+                           "study.search_space": "; ".join(f"{k}={v}" for k, v in dists.items())})
+        print(ui_instructions(target, cfg.tracking.experiment_name))
+        parent.set_tags({"ray": where, "max_concurrent_trials": concurrency})
+        log.info("Ray: %s; %d trial(s) at once", where, concurrency)
+
+        settings = TrialSettings(study_dir=str(study_dir), tracking_uri=target.tracking_uri,
+                                 experiment_id=experiment_id, parent_run_id=parent.run_id, git_sha=sha,
+                                 driver_cpus=opts.driver_cpus, log_images=opts.log_images,
+                                 log_encoder=opts.log_encoder)
+        trainable = tune.with_resources(run_trial, {"cpu": opts.driver_cpus})
         if resuming:
             tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             tuner = build_tuner(cfg, search_space, opts, objectives, settings, trainable, concurrency)
         results = tuner.fit()
-    except BaseException as err:
-        # Close the parent run so the UI does not show it RUNNING forever: KILLED for an interrupt (a resume sets
-        # it back to RUNNING), FAILED for an error raised while building or running the tuner.
-        reason = f"{type(err).__name__}: {err}"[:500]
-        parent.set_tags({"interrupted": reason})
-        parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", reason=reason)
-        raise
 
-    rows = rows_from_results(results, objectives)
-    _close_orphan_children(target, parent.run_id)
-    ostudy = build_optuna_study(rows, objectives, search_space)
-    mark_pareto(rows, ostudy)
-    table = format_table(rows, objectives)
-    wall = time.perf_counter() - t0
-    parent.log_text(table, "pareto_table.md")
-    parent.log_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=str), "trials.json")
-    for fname, html in optuna_plots(ostudy, objectives).items():
-        parent.log_text(html, f"plots/{fname}")
-    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "stopped")}
-    parent.log_metrics({"trials_ok": counts["ok"], "trials_failed": counts["failed"],
-                        "trials_stopped": counts["stopped"], "pareto_size": sum(r.pareto for r in rows),
-                        "study_wall_time_s": wall}, 0)
+        rows = rows_from_results(results, objectives)
+        _close_orphan_children(target, parent.run_id)
+        ostudy = build_optuna_study(rows, objectives, search_space)
+        mark_pareto(rows, ostudy)
+        table = format_table(rows, objectives)
+        wall = time.perf_counter() - t0
+        parent.log_text(table, "pareto_table.md")
+        parent.log_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=str), "trials.json")
+        for fname, html in optuna_plots(ostudy, objectives).items():
+            parent.log_text(html, f"plots/{fname}")
+        counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "stopped")}
+        parent.log_metrics({"trials_ok": counts["ok"], "trials_failed": counts["failed"],
+                            "trials_stopped": counts["stopped"], "pareto_size": sum(r.pareto for r in rows),
+                            "study_wall_time_s": wall}, 0)
+    except BaseException as err:
+        _close_failed_parent(parent, err)
+        raise
     parent.end("FINISHED")
     (study_dir / "pareto_table.md").write_text(table)
     return StudyOutcome(study_dir=study_dir, rows=rows, table=table, parent_run_id=parent.run_id,
                         tracking_uri=target.tracking_uri, wall_time_s=wall, objectives=objectives)
+
+
+def _close_failed_parent(parent, err: BaseException) -> None:
+    """End the study's parent run after ``err`` so the UI does not show it RUNNING forever: KILLED for an
+    interrupt that reached the driver (Ray Tune handles a first Ctrl+C itself and returns its partial results,
+    which end FINISHED), FAILED for any other error. A resume sets the run back to RUNNING. MLflow errors here
+    are only logged, so they never replace ``err``."""
+    reason = f"{type(err).__name__}: {err}"[:500]
+    try:
+        parent.set_tags({"interrupted": reason})
+        parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", reason=reason)
+    except Exception as mlflow_err:  # noqa: BLE001 - the study's own error is the one to raise
+        log.warning("could not close the parent MLflow run after %s: %s", reason, mlflow_err)
 
 
 def build_tuner(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions, objectives: Objectives,

@@ -65,3 +65,38 @@ def test_worker_without_ray_logs_into_a_nested_run(tmp_path):
     again = MlflowTracker.find_or_start(target, exp, key="trial-a", run_name="trial", tags={},
                                         parent_run_id=parent.run_id)
     assert again.run_id == child.run_id  # a retried trial keeps its child run
+
+
+def test_a_resumed_run_moves_the_earlier_failure_to_history(tmp_path):
+    """A study or trial that failed and is resumed reuses its run; the earlier failure must not stay as the
+    current ``failure_reason`` of a run that then finishes."""
+    from mlflow.tracking import MlflowClient
+
+    target = resolve_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = ensure_experiment(target, "unit")
+    first = MlflowTracker.find_or_start(target, exp, key="study-a", run_name="study", tags={})
+    first.set_tags({"interrupted": "RuntimeError: boom"})
+    first.end("FAILED", reason="RuntimeError: boom")
+    again = MlflowTracker.find_or_start(target, exp, key="study-a", run_name="study", tags={})
+    again.end("FINISHED")
+    run = MlflowClient(target.tracking_uri).get_run(first.run_id)
+    assert again.run_id == first.run_id and run.info.status == "FINISHED"
+    assert "failure_reason" not in run.data.tags and "interrupted" not in run.data.tags
+    assert run.data.tags["previous_failure_reason"] == "RuntimeError: boom"
+    assert run.data.tags["sage_dist.attempts"] == "2"
+
+
+def test_closing_a_failed_study_never_replaces_its_error(caplog):
+    """If MLflow itself fails while the parent run is being closed after an error, the warning is logged and the
+    caller re-raises its own error (not MLflow's)."""
+    from sage_dist.tune.study import _close_failed_parent
+
+    class Unreachable:
+        def set_tags(self, tags):
+            raise ConnectionError("tracking server down")
+
+        def end(self, status="FINISHED", reason=""):
+            raise AssertionError("not reached")
+
+    _close_failed_parent(Unreachable(), RuntimeError("the study's own error"))
+    assert "could not close the parent MLflow run" in caplog.text and "tracking server down" in caplog.text
