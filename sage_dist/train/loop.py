@@ -120,10 +120,11 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
         pipe = load_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device), device=device)
     eraser = Eraser(cfg, pipe, retain_prompts, rank=rank, world_size=world_size)
     if wrap_trainable is not None:
-        if cfg.erase.method == "esd-x":
+        if cfg.erase.method != "esd-x":
+            eraser.conditioner.wrap_trainable(wrap_trainable)
+        elif world_size > 1:  # ESD-x trains its UNet copy, which is not wrapped for data parallelism
             raise ValueError("erase.method=esd-x trains the UNet and runs in a single worker; use "
                              "scaling.num_workers=1")
-        eraser.conditioner.wrap_trainable(wrap_trainable)
     start, history = 0, []
     if resume_from is not None:
         start, history = load_checkpoint(resume_from, eraser)

@@ -239,6 +239,17 @@ def test_long_retain_prompts_warn_once(tmp_path):
         validate_inputs(tiny_config(**{"retain.retain_prompts": str(path), "retain.retain_batch_size": 4}))
 
 
+def test_esd_x_runs_in_a_one_worker_ray_train_group_and_refuses_several():
+    """Under Ray Train the worker always passes prepare_model; ESD-x (a UNet edit) must still run with one worker
+    and refuse data parallelism with a clear error."""
+    wrapped = []
+    cfg = tiny_config(**{"erase.method": "esd-x", "optim.num_steps": 1, "erase.warmup_steps": 0})
+    result = run_erasure(cfg, progress=False, wrap_trainable=lambda m: wrapped.append(m) or m)
+    assert result.unet is not None and wrapped == []
+    with pytest.raises(ValueError, match="scaling.num_workers=1"):
+        run_erasure(cfg, progress=False, world_size=2, wrap_trainable=lambda m: m)
+
+
 def test_esd_x_trains_only_unet_cross_attention(tmp_path):
     from diffusers import UNet2DConditionModel
 
