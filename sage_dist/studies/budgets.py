@@ -19,7 +19,10 @@ samples with 20 steps). The rollout cache is off: its trajectory bank only pays 
 
 lr 6e-4 since the zero-SNR-v world (session 4, seeds 0 and 1, ``--local``): multi_concept joint-1 RER_domain
 0.75 ± 0.21 with all-attribute retention 0.97, frozen_unet sage-striped 0.80 ± 0.14 with retention 0.86; at
-lr 1.2e-3 0.85 / retention 0.83 and 0.60 / 0.75 (less stable). lr 3e-4 was tuned on the session-1 world."""
+lr 1.2e-3 0.85 ± 0.21 with retention 0.83, and sage-striped 0.60 ± 0.28 with retention 0.75. lr 3e-4, tuned on
+the session-1 world, was not re-run at this budget (at the preset's 150 steps it gave RER_domain 0.70). ESD-x
+erased nothing at either lr (RER_domain 0 and 0.05), nor at 150 steps, though its erase objective fell 3x: the
+frozen_unet study compares the two methods at this one shared budget, as the question asks."""
 
 
 def study_base(model: str, concepts: tuple[str, ...], *, world: dict | None = None, **overrides) -> StudyConfig:
