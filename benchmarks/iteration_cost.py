@@ -54,11 +54,13 @@ def _time_parts(eraser) -> dict[str, float]:
         def wrapper(*args, **kwargs):
             if not when(*args, **kwargs):
                 return fn(*args, **kwargs)
+            _sync()  # on CUDA, queued work belongs to the part that queued it
             t0 = time.perf_counter()
             children.append(0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
+                _sync()
                 elapsed = time.perf_counter() - t0
                 inner = children.pop()
                 parts[label] = parts.get(label, 0.0) + elapsed - inner
