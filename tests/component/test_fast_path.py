@@ -290,7 +290,7 @@ def test_gradient_checkpointing_follows_each_runs_config_on_a_reused_pipeline():
     assert not pipe.unet.is_gradient_checkpointing
 
 
-def test_ddp_options_let_sdxl_steps_without_the_graph_loss_train_under_ddp(tmp_path):
+def test_ddp_options_let_sdxl_steps_without_the_graph_loss_train_under_ddp():
     """ESD on SDXL's first encoder leaves its last block unused (the UNet reads the penultimate states); plain DDP
     then fails at the second step's forward. A one-process gloo group runs the same reducer as a Ray Train
     worker group; SD keeps DDP's defaults."""
