@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 Method = Literal["sage", "esd", "advunlearn", "esd-x"]
-Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -45,7 +45,11 @@ class ModelConfig:
     whenever "full" is chosen."""
     frozen_dtype: Dtype = "auto"
     """dtype of the frozen parts (UNet, VAE, original encoder): "auto" is bfloat16 on CUDA and float32 on the
-    CPU. The trainable encoder (or ESD-x's UNet copy) always stays float32."""
+    CPU. The trainable encoder (or ESD-x's UNet copy) is in ``train_dtype``."""
+    train_dtype: Literal["float32", "float64"] = "float32"
+    """dtype of the trainable copies, the attack's token embeddings, the latents and every loss. "float64" (with
+    ``frozen_dtype="float64"``) is for reference runs whose numbers must agree across CPUs to many digits, such
+    as the golden loss trace (fp32 rounding differs between CPU kernels and the optimiser amplifies it)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run; "auto" picks CUDA when available."""
     student_chunk_size: int = 0

@@ -34,7 +34,7 @@ class AttackPrompt:
         """The ``[1, 77, D_e]`` embedding batch with the learnable tokens written in (differentiable)."""
         embeds = []
         for e, ids in enumerate(self.ids):
-            base = conditioner.token_embedding(e)(ids[None]).float()
+            base = conditioner.token_embedding(e)(ids[None]).to(conditioner.train_dtype)
             index = self.learnable.view(1, -1, 1).expand(1, -1, base.shape[-1])
             embeds.append(base.scatter(1, index, self.tokens[e][None]))
         return PromptBatch(embeds, torch.tensor([self.eot_index], device=self.learnable.device))
@@ -97,7 +97,7 @@ def build_attack_prompt(conditioner: TextConditioner, concept: str, *, template:
         row = [tok.bos_token_id] + body + [tok.eos_token_id] + [pad] * (MAX_LENGTH - len(body) - 2)
         ids.append(torch.tensor(row, dtype=torch.long, device=device))
     learn = torch.tensor(learnable, dtype=torch.long, device=device)
-    tokens = [conditioner.token_embedding(e)(ids[e][learn]).float().detach().clone()
+    tokens = [conditioner.token_embedding(e)(ids[e][learn]).to(conditioner.train_dtype).detach().clone()
               for e in range(len(ids))]
     return AttackPrompt(ids, learn, tokens, 1 + len(body), name)
 

@@ -42,9 +42,15 @@ def graph_loss(features_trained_ND: Tensor, features_original_ND: Tensor, *, kin
     raise ValueError(f"graph loss kind {kind!r}: allowed 'mse' or 'kl'")
 
 
-def select_top_k(scores_N: Tensor, k: int) -> Tensor:
+def select_top_k(scores_N: Tensor, k: int, *, tie_tolerance: float = 1e-6) -> Tensor:
     """Indices of the ``k`` lowest scores (spec §1.7b: the retain prompts whose s_i = cos(g_n, g_o) is lowest,
-    i.e. the most disturbed). Ties break by lower index. ``[N]`` -> ``[min(k, N)]`` int64, ascending score."""
+    i.e. the most disturbed). ``[N]`` -> ``[min(k, N)]`` int64, ascending score.
+
+    Scores are compared on a grid of ``tie_tolerance``: scores that round to the same multiple count as tied and
+    ties break by lower index. Without it, floating-point rounding would decide between prompts that are tied in
+    exact arithmetic (at the first step τ_n = τ_o, so every s_i is 1 up to rounding), and rounding differs
+    between CPU kernels.
+    """
     k = min(k, scores_N.shape[0])
-    order = torch.sort(scores_N.detach(), stable=True).indices
+    order = torch.sort(torch.round(scores_N.detach().double() / tie_tolerance), stable=True).indices
     return order[:k]

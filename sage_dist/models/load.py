@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 BUILTIN_IDS = ("world", "world-xl", "tiny-sd", "tiny-sdxl")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def looks_like_local_path(model_id: str) -> bool:

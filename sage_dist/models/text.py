@@ -183,7 +183,7 @@ class TextConditioner:
 
     def __init__(self, pipe, *, train_encoders: tuple[int, ...] = (0,), trainable: str = "full",
                  trainable_layers: tuple[int, ...] = (), pooling: Literal["eot", "mean"] = "eot",
-                 resolution: int | None = None):
+                 resolution: int | None = None, train_dtype: torch.dtype = torch.float32):
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
         self.original = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
@@ -198,7 +198,7 @@ class TextConditioner:
         copies: dict[int, nn.Module] = {}
         self.trainable_parameters: list[nn.Parameter] = []
         for i in self.train_encoders:
-            enc = copy.deepcopy(self.original[i]).to(torch.float32)
+            enc = copy.deepcopy(self.original[i]).to(train_dtype)
             enc.train(False)
             self.trainable_parameters += select_trainable_parameters(enc, trainable=trainable, layers=trainable_layers)
             copies[i] = enc
@@ -208,6 +208,8 @@ class TextConditioner:
         size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.resolution = int(size)
         self.dtype = pipe.unet.dtype
+        self.train_dtype = train_dtype
+        """dtype of the trainable copies, token embeddings and returned conditioning (``model.train_dtype``)."""
         self.device = pipe.unet.device
 
     # ---- prompts ------------------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ class TextConditioner:
         """Token embeddings of tokenized prompts; EOT found from the first encoder's ids (id 49407)."""
         eos = self.tokenizers[0].eos_token_id
         eot = (ids[0] == eos).int().argmax(dim=1)
-        return PromptBatch([self.token_embedding(e)(ids[e]).float() for e in range(len(ids))], eot.long())
+        return PromptBatch([self.token_embedding(e)(ids[e]).to(self.train_dtype) for e in range(len(ids))], eot.long())
 
     def embed(self, prompts: list[str]) -> PromptBatch:
         """Token embeddings of text prompts (float32)."""
@@ -272,7 +274,7 @@ class TextConditioner:
             else:
                 enc = self.original[e]
                 final, pen = run_encoder(enc, x.to(enc.dtype), output_penultimate=self.is_sdxl)
-                final, pen = final.float(), (pen.float() if pen is not None else None)
+                final, pen = final.to(self.train_dtype), (pen.to(self.train_dtype) if pen is not None else None)
             finals.append(final)
             feats.append(pooled_feature(final, batch.eot_index, pooling=self.pooling))
             conds.append(pen if self.is_sdxl else final)
@@ -280,12 +282,13 @@ class TextConditioner:
                 enc2 = self.trained_encoder(1) if trained else self.original[1]
                 rows = torch.arange(final.shape[0], device=final.device)
                 eot_state = final[rows, batch.eot_index]
-                pooled_for_text_embeds = enc2.text_projection(eot_state.to(enc2.text_projection.weight.dtype)).float()
+                pooled_for_text_embeds = enc2.text_projection(eot_state.to(enc2.text_projection.weight.dtype))
+                pooled_for_text_embeds = pooled_for_text_embeds.to(self.train_dtype)
         hidden = torch.cat(conds, dim=-1)
         added = None
         if self.is_sdxl:
             size = self.resolution
-            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=hidden.device)
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=self.train_dtype, device=hidden.device)
             added = {"text_embeds": pooled_for_text_embeds, "time_ids": time_ids.expand(hidden.shape[0], -1)}
         return Conditioning(hidden, added, feats, finals)
 

@@ -34,7 +34,8 @@ class DiffusionSampler:
         ddim_steps: S.
     """
 
-    def __init__(self, unet, scheduler_config, latent_shape: tuple[int, int, int], ddim_steps: int):
+    def __init__(self, unet, scheduler_config, latent_shape: tuple[int, int, int], ddim_steps: int, *,
+                 out_dtype: torch.dtype = torch.float32):
         from diffusers import DDIMScheduler
 
         self.unet = unet
@@ -43,6 +44,8 @@ class DiffusionSampler:
         self.ddim_steps = ddim_steps
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.latent_shape = latent_shape
+        self.out_dtype = out_dtype
+        """dtype of returned predictions and latents (``model.train_dtype``)."""
         self.num_unet_calls = 0
         """Rows of UNet forward passes made (for cost accounting in benchmarks)."""
 
@@ -65,7 +68,7 @@ class DiffusionSampler:
         self.num_unet_calls += latents.shape[0]
         out = self.unet(latents.to(dtype), t, encoder_hidden_states=cond.encoder_hidden_states.to(dtype),
                         added_cond_kwargs=added).sample
-        return out.float()
+        return out.to(self.out_dtype)
 
     def draw(self, generator: torch.Generator) -> RolloutDraw:
         """i ~ U{0..S−1}, t ~ U[⌊T·i/S⌋, ⌊T·(i+1)/S⌋) with T = 1000, from ``generator``."""
@@ -76,9 +79,9 @@ class DiffusionSampler:
         return RolloutDraw(i, t)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """Gaussian start latents ``[B, C, H, W]`` float32, drawn on the CPU (device-independent)."""
-        noise = torch.randn((batch_size, *self.latent_shape), generator=generator)
-        return (noise * self.scheduler.init_noise_sigma).to(self.device)
+        """Gaussian start latents ``[B, C, H, W]`` in ``out_dtype``, drawn on the CPU (device-independent)."""
+        noise = torch.randn((batch_size, *self.latent_shape), generator=generator, dtype=self.out_dtype)
+        return (noise * self.scheduler.init_noise_sigma).to(self.device, self.out_dtype)
 
     @torch.no_grad()
     def rollout(self, cond: Conditioning, uncond: Conditioning, ddim_index: int, *, guidance: float,
@@ -164,7 +167,7 @@ class TrajectoryBank:
             rows = [j for n, j in enumerate(rows) if entries[j] not in [entries[r] for r in rows[:n]]]
             if not rows:
                 continue
-            z = torch.cat([self._levels[entries[j]][level] for j in rows]).float()
+            z = torch.cat([self._levels[entries[j]][level] for j in rows]).to(s.out_dtype)
             index = torch.tensor(rows)
             t = int(s.scheduler.timesteps[k])
             both = Conditioning.cat([Conditioning.cat([uncond] * len(rows)), conds.select(index)])
@@ -187,7 +190,7 @@ class TrajectoryBank:
         s = self.sampler
         entries = [(key, int(torch.randint(0, self.bank_size, (1,), generator=generator))) for key in keys]
         self._extend(entries, conds, uncond, ddim_index)
-        latents = torch.cat([self._levels[e][ddim_index] for e in entries]).float()
+        latents = torch.cat([self._levels[e][ddim_index] for e in entries]).to(s.out_dtype)
         if not with_targets:
             return BankSample(latents, torch.empty(0, dtype=torch.long), latents[:0], latents[:0])
         missing = [j for j, e in enumerate(entries) if (*e, ddim_index) not in self._targets]
@@ -206,4 +209,4 @@ class TrajectoryBank:
                                                              eps_c[n : n + 1].to(s.unet.dtype))
         cached = [self._targets[(*e, ddim_index)] for e in entries]
         return BankSample(latents, torch.tensor([c[0] for c in cached], device=latents.device),
-                          torch.cat([c[1] for c in cached]).float(), torch.cat([c[2] for c in cached]).float())
+                          torch.cat([c[1] for c in cached]).to(s.out_dtype), torch.cat([c[2] for c in cached]).to(s.out_dtype))

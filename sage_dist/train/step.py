@@ -35,6 +35,7 @@ from sage_dist.attack.prompt import AttackPrompt, build_attack_prompt, max_token
 from sage_dist.attack.templates import load_templates
 from sage_dist.config import StudyConfig
 from sage_dist.losses import erase_loss, esd_target, graph_loss, noise_retain_loss, select_top_k
+from sage_dist.models.load import DTYPES
 from sage_dist.models.text import MAX_LENGTH, Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
 from sage_dist.train.rollout import DiffusionSampler, TrajectoryBank
@@ -83,16 +84,18 @@ class Eraser:
         self.cfg = cfg
         self.method = cfg.erase.method
         self.rank, self.world_size = rank, world_size
+        train_dtype = DTYPES[cfg.model.train_dtype]
         self.conditioner = TextConditioner(pipe, train_encoders=() if self.method == "esd-x" else cfg.model.train_encoders,
                                            trainable=cfg.model.trainable, trainable_layers=cfg.model.trainable_layers,
-                                           pooling=cfg.retain.pooling)
+                                           pooling=cfg.retain.pooling, train_dtype=train_dtype)
         size = self.conditioner.resolution // pipe.vae_scale_factor
         # The frozen UNet must not require grad: a pipeline built in code (diffusers' default requires_grad=True,
         # e.g. models.tiny) would otherwise get weight gradients for every UNet parameter in each student backward
         # (on the SD-1.4 shape that was ~14 of a 60 s step, and 3.4 GB of .grad). ESD-x trains its own copy.
         pipe.unet.requires_grad_(False)
         self.sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config,
-                                        (pipe.unet.config.in_channels, size, size), cfg.erase.ddim_steps)
+                                        (pipe.unet.config.in_channels, size, size), cfg.erase.ddim_steps,
+                                        out_dtype=train_dtype)
         self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)
         self.shared_generator = torch.Generator().manual_seed(cfg.optim.seed)
         self.retain_sampler = None
@@ -113,14 +116,15 @@ class Eraser:
         self.trainable_module: torch.nn.Module = self.conditioner.trainable
         self.trainable_parameters = self.conditioner.trainable_parameters
         if self.method == "esd-x":
-            unet = copy.deepcopy(pipe.unet).float()
+            unet = copy.deepcopy(pipe.unet).to(train_dtype)
             unet.requires_grad_(False)
             self.trainable_parameters = []
             for name, p in unet.named_parameters():
                 if "attn2" in name:  # ESD's "xattn": every cross-attention parameter
                     p.requires_grad_(True)
                     self.trainable_parameters.append(p)
-            self.student = DiffusionSampler(unet, pipe.scheduler.config, self.sampler.latent_shape, cfg.erase.ddim_steps)
+            self.student = DiffusionSampler(unet, pipe.scheduler.config, self.sampler.latent_shape, cfg.erase.ddim_steps,
+                                            out_dtype=train_dtype)
             self.trainable_module = unet
         self.optimizer = torch.optim.Adam(self.trainable_parameters, lr=cfg.optim.lr)
         unet_params = sum(p.numel() for p in pipe.unet.parameters())
