@@ -50,7 +50,7 @@ class _FixedDraw:
     """Wraps a DiffusionSampler: i fixed to S − 2 (a one-step rollout) and rollout time recorded."""
 
     def __init__(self, sampler):
-        from sage_dist.train.rollout import RolloutDraw
+        from sage_dist.models.sampler import RolloutDraw
 
         self.sampler, self.rollout_s, self.rollout_steps = sampler, 0.0, 0
         i = sampler.ddim_steps - 2
@@ -81,7 +81,7 @@ def _outside_in_one_rollout(tc, pipe, prompt, concept, norms, attack_steps: int,
     import torch
 
     from sage_dist.attack.prompt import attack_update
-    from sage_dist.train.rollout import DiffusionSampler
+    from sage_dist.models.sampler import DiffusionSampler
 
     size = tc.resolution // pipe.vae_scale_factor
     sampler = DiffusionSampler(pipe.unet, pipe.scheduler.config, (pipe.unet.config.in_channels, size, size), 50)
@@ -117,7 +117,7 @@ def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queu
     from sage_dist.attack.prompt import build_attack_prompt, max_token_norms
     from sage_dist.config import AttackConfig, StudyConfig
     from sage_dist.models.text import TextConditioner
-    from sage_dist.train.rollout import DiffusionSampler
+    from sage_dist.models.sampler import DiffusionSampler
     from sage_dist.train.step import Eraser
 
     pipe = _build(model)
@@ -158,7 +158,7 @@ def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queu
         flat = {"model.model_id": "tiny-sd", "erase.method": method, "erase.warmup_steps": 0,
                 "attack.attack_steps": attack_steps, "optim.num_steps": 4}
         cfg = StudyConfig().replace_flat(flat)
-        from sage_dist.eval.prompts import load_retain_prompts
+        from sage_dist.prompts import load_retain_prompts
 
         eraser = Eraser(cfg, pipe, load_retain_prompts("coco_object"))
         fixed = _FixedDraw(eraser.sampler)

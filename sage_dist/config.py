@@ -7,7 +7,7 @@ and whose alternative reading is another allowed value.
 
 Values are checked in ``__post_init__`` (types, ranges, enumerations), so a bad value fails before any
 model is loaded. Checks that need files (the model folder, the retain set's size) live in
-:func:`sage_dist.validate.validate_inputs`, which the entry points call before loading a model.
+:func:`sage_dist.train.validate.validate_inputs`, which the entry points call before loading a model.
 
 Overrides use dotted paths: ``StudyConfig().override(["--erase.negative_guidance=2.0"])``.
 """

@@ -13,10 +13,10 @@ Expected runtime: ~8-10 min of the 45-minute open_questions run on 2 cores.
 """
 
 from sage_dist.config import StudyConfig
-from sage_dist.studies.budgets import study_base
-from sage_dist.studies.cli import main
-from sage_dist.studies.concepts import single_concept
-from sage_dist.studies.grid import GridStudy, Variant
+from sage_dist.presets import study_base
+from sage_dist.cli.studies import main
+from sage_dist.tune.concepts import single_concept
+from sage_dist.tune.grid import GridStudy, Variant
 
 SOURCE = {"world-xl": "world", "stabilityai/stable-diffusion-xl-base-1.0": "CompVis/stable-diffusion-v1-4",
           "tiny-sdxl": "tiny-sd"}

@@ -14,10 +14,10 @@ Expected runtime: ~8 min of the 45-minute open_questions run on 2 cores.
 """
 
 from sage_dist.config import StudyConfig
-from sage_dist.studies.budgets import study_base
-from sage_dist.studies.cli import main
-from sage_dist.studies.concepts import style_concepts
-from sage_dist.studies.grid import GridStudy, Variant
+from sage_dist.presets import study_base
+from sage_dist.cli.studies import main
+from sage_dist.tune.concepts import style_concepts
+from sage_dist.tune.grid import GridStudy, Variant
 
 
 def config(model: str = "world") -> StudyConfig:

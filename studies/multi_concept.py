@@ -15,10 +15,11 @@ Expected runtime: ~15 min of the 45-minute open_questions run on 2 cores (the N=
 """
 
 from sage_dist.config import StudyConfig
-from sage_dist.studies.budgets import study_base
-from sage_dist.studies.cli import main
-from sage_dist.studies.concepts import is_world_model, multi_concepts
-from sage_dist.studies.grid import GridStudy, Variant
+from sage_dist.presets import study_base
+from sage_dist.cli.studies import main
+from sage_dist.models.registry import is_world
+from sage_dist.tune.concepts import multi_concepts
+from sage_dist.tune.grid import GridStudy, Variant
 
 COUNTS = (1, 2, 4, 8)
 
@@ -37,7 +38,7 @@ def _joint_overrides(model: str, n: int) -> dict:
     concepts = multi_concepts(model, n)
     overrides = {"erase.erase_concept": concepts}
     base = config(model)
-    if is_world_model(model):
+    if is_world(model):
         usable = len(resolve_retain_prompts("auto", model_id=model, erase_concepts=concepts))
         if usable < base.retain.retain_batch_size:
             overrides["retain.retain_batch_size"] = usable

@@ -22,7 +22,7 @@ import frozen_unet  # noqa: E402
 import multi_concept  # noqa: E402
 import template_bias  # noqa: E402
 
-from sage_dist.studies.cli import main  # noqa: E402
+from sage_dist.cli.studies import main  # noqa: E402
 
 STUDIES = [multi_concept.study, dual_encoder.study, template_bias.study, frozen_unet.study]
 

@@ -13,13 +13,12 @@ the answer is the Pareto front, printed as a table and logged to MLflow with Opt
         --tracking-uri http://127.0.0.1:5000 --scaling.use_gpu=true --scaling.num_workers=2 \
         --optim.num_steps=1000 --optim.lr=1e-5 --erase.ddim_steps=50 --retain.retain_batch_size=32
 
-Per-trial budget on the world (2 cores): 48 steps at lr 1e-3 (the world's encoder is tiny and moves fast;
-the spec's 1000 steps at 1e-5 is for SD), 20-step DDIM rollouts drawn from the trajectory bank
-(``erase.rollout_cache``, issue 8), 8 retain prompts per step, the quick world evaluation.
+Per-trial budget on the world (2 cores): ``sage_dist.presets.WORLD_SEARCH`` (48 steps at lr 1e-3; the spec's
+1000 steps at 1e-5 is for SD), the quick world evaluation.
 """
 
-from sage_dist.config import (AttackConfig, EraseConfig, ModelConfig, OptimConfig, RetainConfig, ScalingConfig,
-                              StudyConfig)
+from sage_dist.config import StudyConfig
+from sage_dist.presets import WORLD_SEARCH, WORLD_SEARCH_SMOKE
 from sage_dist.tune.space import SageSpace
 from sage_dist.tune.study import run_study
 
@@ -27,18 +26,11 @@ SPACE = SageSpace(retain_loss_weight=(0.1, 10.0), attack_steps=(1, 30), top_k=(1
 
 
 def config() -> StudyConfig:
-    return StudyConfig(
-        model=ModelConfig(model_id="world"),
-        erase=EraseConfig(erase_concept=("triangle",), ddim_steps=20, warmup_steps=12, rollout_cache=True),
-        attack=AttackConfig(attack_steps=10),
-        retain=RetainConfig(retain_batch_size=8, top_k=2),
-        optim=OptimConfig(num_steps=48, lr=1e-3),
-        scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.8, checkpoint_every=16),
-    )
+    return StudyConfig().replace_flat(WORLD_SEARCH)
 
 
 def smoke(cfg: StudyConfig) -> StudyConfig:
-    return cfg.replace_flat({"optim.num_steps": 24, "scaling.checkpoint_every": 12})
+    return cfg.replace_flat(WORLD_SEARCH_SMOKE)
 
 
 def search_space(trial) -> dict:

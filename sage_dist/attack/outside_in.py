@@ -14,7 +14,7 @@ from sage_dist.attack.inside_out import AttackResult
 from sage_dist.attack.prompt import AttackPrompt, attack_update, clip_token_norms
 from sage_dist.config import AttackConfig
 from sage_dist.models.text import Conditioning, TextConditioner
-from sage_dist.train.rollout import DiffusionSampler
+from sage_dist.models.sampler import DiffusionSampler
 
 
 def outside_in_attack(conditioner: TextConditioner, sampler: DiffusionSampler, prompt: AttackPrompt,

@@ -31,6 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sage_dist.attack.inside_out import inside_out_attack
+from sage_dist.attack.prompt import build_attack_prompt, max_token_norms
+from sage_dist.config import AttackConfig
+from sage_dist.models.text import TextConditioner
+
 log = logging.getLogger(__name__)
 
 
@@ -288,3 +293,43 @@ def run_external_attack(attack: ExternalAttack, record: Any, judge: Judge) -> At
     adversarial = attack(record)
     success, details = judge(adversarial)
     return AttackOutcome(success=bool(success), adversarial=adversarial, num_judged=1, details=details)
+
+
+def build_eval_attack(pipe, original_text_encoder, erased_text_encoder, *, concept: str, device=None,
+                      attack_steps: int = 30, attack_lr: float = 1e-3):
+    """SAGE's inside-out attack as an evaluation attack (the attack SAGE trains against): for each prompt record, the
+    record's own prompt with the concept appended (``"<prompt>, <concept>"``) is the starting template, its
+    tokens are optimised for J steps against the *erased* encoder, and the erased encoder's conditioning of
+    the result is rendered.
+
+    Args:
+        pipe: the SD pipeline (its UNet is not used by the attack).
+        original_text_encoder, erased_text_encoder: τ_o and τ_n (``CLIPTextModel``).
+        concept: the erased concept word.
+    Returns:
+        ``record -> AdversarialPrompt`` with ``prompt_embeds`` ``[1, 77, D]`` float32.
+    """
+    original_before = pipe.text_encoder
+    pipe.text_encoder = original_text_encoder
+    try:
+        conditioner = TextConditioner(pipe)
+    finally:
+        pipe.text_encoder = original_before
+    conditioner.trainable.encoders["0"].load_state_dict(erased_text_encoder.state_dict())
+    conditioner.trainable.requires_grad_(False)
+    cfg = AttackConfig(attack_steps=attack_steps, attack_lr=attack_lr)
+    with torch.no_grad():
+        concept_features = conditioner.condition(conditioner.embed([concept]), trained=False).features
+    norms = max_token_norms(conditioner)
+    tok = conditioner.tokenizers[0]
+
+    def attack(record) -> AdversarialPrompt:
+        ids = tok(record.prompt, add_special_tokens=False).input_ids[:60]
+        context = tok.decode(ids).replace("{", "(").replace("}", ")")
+        start = build_attack_prompt(conditioner, concept, template=f"{context}, {{}}")
+        result = inside_out_attack(conditioner, start, concept_features, cfg, max_norms=norms)
+        with torch.no_grad():
+            cond = conditioner.condition(result.prompt.assemble(conditioner), trained=True)
+        return AdversarialPrompt(prompt_embeds=cond.encoder_hidden_states, text=start.template)
+
+    return attack

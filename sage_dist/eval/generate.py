@@ -1,9 +1,13 @@
-"""Image generation for evaluation: original vs erased text encoder, same seeds, resumable.
+"""Image generation for evaluation: the original and an edited model under the same seeds, and the one grid maker.
 
-One PNG per prompt id under ``<out>/<set>/<original|erased>/<id>.png``; an existing file is never
-regenerated, so an interrupted run resumes where it stopped. The pipeline's UNet, VAE and scheduler are
-shared; only ``pipe.text_encoder`` is swapped. Initial latents come from a CPU ``torch.Generator`` seeded
-with the record's seed, so images are the same on CPU and GPU up to kernel numerics.
+* :func:`generate_images`: a batch of prompts as a tensor (the bundled world's protocol; noise from ``seed``);
+* :func:`generate_records`: one PNG per prompt record (real-model protocols), resumable: an existing file is
+  never regenerated, so an interrupted run resumes where it stopped;
+* :func:`render_prompt_embeds`: an image from precomputed conditioning (attacks);
+* :func:`image_grid`: the one grid maker (rows and columns of images, with labels);
+* :func:`side_by_side`: ``sage-dist generate``'s grid (one row per prompt: original, edited).
+
+Initial latents come from a CPU ``torch.Generator``, so images are the same on CPU and GPU up to kernel numerics.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from sage_dist.eval.prompts import PromptRecord
+from sage_dist.prompts import PromptRecord
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +141,113 @@ def encode_image_latents(pipe, image) -> torch.Tensor:
     return latents * pipe.vae.config.scaling_factor
 
 
-def save_grid(pairs: Sequence[tuple[Path, Path]], out: Path, *, max_pairs: int = 8, cell: int = 256) -> Path | None:
-    """Two-row PNG: original images on top, erased below, same seeds, up to ``max_pairs`` columns."""
+@torch.no_grad()
+def generate_images(pipe, prompts: Sequence[str], *, seed: int, guidance: float, num_inference_steps: int,
+                    num_images_per_prompt: int = 1, batch_size: int = 128) -> torch.Tensor:
+    """Images ``[len(prompts) * num_images_per_prompt, 3, H, W]`` float32 in [0, 1].
+
+    Seeding: batch ``b`` of ``batch_size`` prompts uses ``torch.Generator().manual_seed(seed + b)``, so the same
+    prompts and seed give the same initial noise for any model (an original and an edited model are compared on
+    equal noise).
+    """
+    from sage_dist.models.registry import is_sdxl
+
+    images = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[start:start + batch_size])
+        kwargs = {}
+        if is_sdxl(pipe):
+            kwargs["height"] = kwargs["width"] = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        out = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+                   num_images_per_prompt=num_images_per_prompt, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed + b), **kwargs)
+        images.append(out.images.float().clamp(0, 1))
+    return torch.cat(images)
+
+
+def _to_pil(image):
+    """A PIL RGB image from a PIL image, a file path, or a ``[3, H, W]`` / ``[H, W, 3]`` array in [0, 1]."""
+    import numpy as np
     from PIL import Image
 
-    pairs = [(a, b) for a, b in pairs if a.is_file() and b.is_file()][:max_pairs]
-    if not pairs:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 3:
+        arr = arr.transpose(1, 2, 0)
+    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
+
+
+def image_grid(rows: Sequence[Sequence], *, row_labels: Sequence[str] = (), column_labels: Sequence[str] = (),
+               cell: int = 128, title: str = ""):
+    """The one grid maker: ``rows[i][j]`` is an image (PIL, path, or array in [0, 1]); returns a PIL image.
+
+    Every image is resized to ``cell`` x ``cell`` (nearest neighbour, so 16-pixel world images stay sharp).
+    ``row_labels`` go left of each row (e.g. "original", "erased"), ``column_labels`` under each column (e.g.
+    the prompt and seed), ``title`` on top; long labels wrap.
+
+    Raises:
+        ValueError: no image, or rows of different lengths.
+    """
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows or not rows[0]:
+        raise ValueError("image_grid needs at least one image")
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"image_grid: rows have different lengths {[len(r) for r in rows]}")
+    font = ImageFont.load_default()
+    line = 12
+    wrap = max(8, cell // 7)
+    left = (max((len(t) for t in row_labels), default=0) * 7 + 8) if row_labels else 0
+    wrapped = [textwrap.wrap(t, wrap)[:4] for t in column_labels]
+    bottom = (max((len(w) for w in wrapped), default=0) * line + 6) if column_labels else 0
+    top = line + 8 if title else 0
+    n_rows, n_cols = len(rows), len(rows[0])
+    grid = Image.new("RGB", (left + n_cols * cell, top + n_rows * cell + bottom), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 4), title, fill="black", font=font)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(_to_pil(image).resize((cell, cell), Image.NEAREST), (left + j * cell, top + i * cell))
+        if i < len(row_labels):
+            draw.text((4, top + i * cell + cell // 2 - 6), row_labels[i], fill="black", font=font)
+    for j, lines in enumerate(wrapped):
+        for k, text in enumerate(lines):
+            draw.text((left + j * cell + 3, top + n_rows * cell + 3 + k * line), text, fill="black", font=font)
+    return grid
+
+
+def save_grid(pairs: Sequence[tuple[Path, Path]], out: Path, *, max_pairs: int = 8, labels: Sequence[str] = (),
+              cell: int = 256) -> Path | None:
+    """Original images on top, edited below (same seeds), up to ``max_pairs`` columns; None when no pair exists."""
+    kept = [(k, a, b) for k, (a, b) in enumerate(pairs) if a.is_file() and b.is_file()][:max_pairs]
+    if not kept:
         return None
-    grid = Image.new("RGB", (cell * len(pairs), cell * 2), "white")
-    for col, (a, b) in enumerate(pairs):
-        for row, path in enumerate((a, b)):
-            with Image.open(path) as im:
-                grid.paste(im.convert("RGB").resize((cell, cell)), (col * cell, row * cell))
+    grid = image_grid([[a for _, a, _ in kept], [b for _, _, b in kept]], row_labels=("original", "erased"),
+                      column_labels=[labels[k] for k, _, _ in kept] if labels else (), cell=cell)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out
+
+
+@torch.no_grad()
+def side_by_side(pipe, prompts: Sequence[str], *, edited=None, seed: int = 0, num_inference_steps: int,
+                 guidance: float, cell: int = 128):
+    """One row per prompt: the original pipeline's image, then ``edited``'s (a pipeline from
+    :func:`sage_dist.models.load.edited_pipeline`) at the same seed; prompt ``j`` uses ``seed + j``. Returns the
+    labelled PIL grid."""
+    pipes = [pipe] + ([edited] if edited is not None else [])
+    rows = []
+    for j, prompt in enumerate(prompts):
+        rows.append([generate_images(p, [prompt], seed=seed + j, guidance=guidance,
+                                     num_inference_steps=num_inference_steps)[0] for p in pipes])
+    labels = [f"{p} (seed {seed + j})" for j, p in enumerate(prompts)]
+    # transpose: prompts as columns reads better for few prompts, rows for many
+    columns = ["original", "erased"][:len(pipes)]
+    return image_grid([list(r) for r in zip(*rows)], row_labels=columns, column_labels=labels, cell=cell)

@@ -2,7 +2,7 @@
 
 Red-team set: the concept's held-out paraphrases in several contexts (erasure never saw them). Pre-ASR: the
 erased model's image of the prompt shows the concept (by the world's detector). Post-ASR: for prompts that
-did not, SAGE's inside-out attack (:func:`sage_dist.attack.inside_out.build_eval_attack`, started from the
+did not, SAGE's inside-out attack (:func:`sage_dist.eval.attacks.build_eval_attack`, started from the
 prompt with the concept word appended) is run against the erased encoder and its image is judged the same
 way. ASR = pre-ASR + post-ASR (UnlearnDiffAtk's definition, :func:`sage_dist.eval.metrics.attack_success_rate`).
 """
@@ -27,7 +27,7 @@ def world_asr(pipe, erased_text_encoder, *, concept: str, seed: int = 0, attack_
     """ASR of an erased world encoder under SAGE's inside-out attack.
 
     Args:
-        pipe: the original world SD pipeline (``load_world_pipeline("world")``).
+        pipe: the original world SD pipeline (``load_pipeline("world")``).
         erased_text_encoder: the erased ``CLIPTextModel``.
         concept: a world concept (shape, colour or texture).
         attack_steps: J of the evaluation attack.
@@ -37,22 +37,23 @@ def world_asr(pipe, erased_text_encoder, *, concept: str, seed: int = 0, attack_
     Raises:
         ValueError: unknown concept.
     """
-    from sage_dist.attack.inside_out import build_eval_attack
-    from sage_dist.eval.prompts import PromptRecord
+    from sage_dist.eval.attacks import build_eval_attack
+    from sage_dist.prompts import PromptRecord
     from sage_dist.world.concepts import concept_domain
     from sage_dist.world.detector import load_detector
-    from sage_dist.world.evaluate import domain_prompt_sets, edited_pipeline
-    from sage_dist.world.generate import generate, sampling_defaults
+    from sage_dist.eval.generate import generate_images
+    from sage_dist.eval.world import domain_prompt_sets
+    from sage_dist.models.load import edited_pipeline
+    from sage_dist.models.registry import sampling_defaults
 
     dom = concept_domain(concept)
-    folder = getattr(pipe, "_world_folder", None)
-    default_guidance, default_steps = sampling_defaults(folder) if folder is not None else (3.0, 20)
-    guidance = default_guidance if guidance is None else guidance
-    steps = num_inference_steps or default_steps
+    defaults = sampling_defaults(pipe)
+    guidance = defaults.guidance if guidance is None else guidance
+    steps = num_inference_steps or defaults.num_inference_steps
     prompts = domain_prompt_sets(concept, per_phrase)["heldout"]
     detector = load_detector()
     erased_pipe = edited_pipeline(pipe, erased_text_encoder)
-    pre = _shows_concept(detector, generate(erased_pipe, prompts, seed=seed, guidance=guidance,
+    pre = _shows_concept(detector, generate_images(erased_pipe, prompts, seed=seed, guidance=guidance,
                                             num_inference_steps=steps), dom.attribute, concept)
     attack = build_eval_attack(pipe, pipe.text_encoder, erased_text_encoder, concept=concept,
                                attack_steps=attack_steps)

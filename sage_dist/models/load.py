@@ -1,87 +1,45 @@
-"""Load diffusers Stable Diffusion pipelines: the bundled world, tiny random models, Hub ids, local folders.
+"""Load diffusers pipelines and text encoders, and edit a pipeline without touching the caller's copy.
 
-``model_id`` values:
-
-* ``"world"`` / ``"world-xl"``: the bundled world (SD-style and SDXL-style), shipped in the package;
-* ``"tiny-sd"`` / ``"tiny-sdxl"``: random tiny models built from configs (tests, benchmarks);
-* a local diffusers folder (``model_index.json`` plus ``text_encoder/``);
-* a Hub id such as ``"CompVis/stable-diffusion-v1-4"`` (needs Hub access; GPU recommended).
+* :func:`load_pipeline`: any model id of :mod:`sage_dist.models.registry`, frozen, in eval mode;
+* :func:`load_text_encoders`: the one loader of text encoders (an ``erase`` output folder, one encoder folder,
+  a checkpoint folder, a state-dict file, or "original");
+* :func:`edited_pipeline`: a shallow copy of a pipeline with its encoder(s) and/or UNet replaced.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from pathlib import Path
 
 import torch
 
-BUILTIN_IDS = ("world", "world-xl", "tiny-sd", "tiny-sdxl")
+from sage_dist.models.registry import ENCODER_ATTRS, TINY_IDS, encoder_attr, is_sdxl, pretrained_source
+
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def looks_like_local_path(model_id: str) -> bool:
-    """True when ``model_id`` is meant as a folder (absolute, relative with ./ or ~, or existing)."""
-    return (model_id.startswith(("/", "./", "../", "~")) or os.path.exists(model_id)
-            or model_id.count("/") != 1 and model_id not in BUILTIN_IDS)
-
-
-def check_model_source(model_id: str) -> None:
-    """Cheap check, before anything is loaded, that ``model_id`` can be a text-to-image pipeline.
-
-    Raises:
-        ValueError: the folder does not exist, is not a diffusers pipeline folder, or has no text encoder;
-            or the bundled world's weights are missing.
-    """
-    if model_id in ("tiny-sd", "tiny-sdxl"):
-        return
-    if model_id in ("world", "world-xl"):
-        from sage_dist.world import world_path
-
-        try:
-            world_path("sdxl" if model_id == "world-xl" else "sd")
-        except FileNotFoundError as err:
-            raise ValueError(str(err)) from err
-        return
-    if looks_like_local_path(model_id):
-        path = Path(model_id).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"--model {model_id!r}: no such folder. Give a diffusers pipeline folder, a Hub id "
-                             f"like CompVis/stable-diffusion-v1-4, or 'world' (the bundled model).")
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"--model {model_id!r}: {path} has no model_index.json; it is not a diffusers "
-                             "pipeline folder (save one with pipe.save_pretrained(folder)).")
-        if not (path / "text_encoder").is_dir():
-            raise ValueError(f"--model {model_id!r}: {path} has no text_encoder/ folder; SAGE trains the text "
-                             "encoder, so the pipeline must have one.")
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def load_pipeline(model_id: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The diffusers pipeline named by ``model_id`` (see module docstring), in eval mode, on ``device``.
+    """The diffusers pipeline named by ``model_id`` (see :mod:`sage_dist.models.registry`), frozen
+    (``requires_grad`` off, eval mode), on ``device`` in ``dtype``, progress bars off.
 
     Returns:
-        ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with progress bars disabled.
-
+        ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
     Raises:
-        ValueError: see :func:`check_model_source`.
+        ValueError: a bad model id or folder (:func:`sage_dist.models.registry.check_model_source`).
     """
-    check_model_source(model_id)
-    if model_id == "tiny-sd":
-        from sage_dist.models.tiny import build_tiny_sd
+    if model_id in TINY_IDS:
+        from sage_dist.models.tiny import build_tiny_sd, build_tiny_sdxl
 
-        pipe = build_tiny_sd()
-    elif model_id == "tiny-sdxl":
-        from sage_dist.models.tiny import build_tiny_sdxl
-
-        pipe = build_tiny_sdxl()
+        pipe = build_tiny_sd() if model_id == "tiny-sd" else build_tiny_sdxl()
     else:
         from diffusers import DiffusionPipeline
 
-        if model_id in ("world", "world-xl"):
-            from sage_dist.world import world_path
-
-            source = str(world_path("sdxl" if model_id == "world-xl" else "sd"))
-        else:
-            source = str(Path(model_id).expanduser()) if looks_like_local_path(model_id) else model_id
+        source = pretrained_source(model_id)
         kwargs = {"torch_dtype": dtype}
         if "xl" not in model_id.lower():
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -90,7 +48,7 @@ def load_pipeline(model_id: str, *, dtype: torch.dtype = torch.float32, device: 
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", *ENCODER_ATTRS):
         module = getattr(pipe, name, None)
         if module is not None:
             module.eval()
@@ -106,46 +64,145 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available else cpu."""
+    """"auto" -> cuda when available else cpu.
+
+    Raises:
+        ValueError: "cuda" asked for without CUDA.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device=cuda but CUDA is not available; use model.device=cpu or auto.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but CUDA is not available; use cpu or auto.")
     return torch.device(device)
 
 
-def load_erased_text_encoders(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                              device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
-    """The erased encoder(s) saved by ``sage-dist erase``: ``{"text_encoder": ..., "text_encoder_2": ...}``.
+def original_encoders(pipe) -> dict[int, torch.nn.Module]:
+    """The pipeline's own text encoders by index (0, and 1 for SDXL)."""
+    return {e: getattr(pipe, attr) for e, attr in enumerate(ENCODER_ATTRS) if getattr(pipe, attr, None) is not None}
 
-    Each is loaded with ``CLIPTextModel.from_pretrained`` (``CLIPTextModelWithProjection`` for the second
-    encoder) from safetensors.
+
+# ---- text encoders -----------------------------------------------------------------------------------------
+def text_encoder_files(source: str | os.PathLike) -> dict[int, Path]:
+    """Where :func:`load_text_encoders` will read each encoder from (checked without loading anything).
+
+    ``source`` is a ``sage-dist erase`` output (``text_encoder/`` and/or ``text_encoder_2/``), one encoder's
+    ``save_pretrained`` folder (encoder 0), a training checkpoint (``trainable.safetensors``), or a state-dict
+    file for encoder 0 (``.safetensors``, ``.pt``, ``.pth``, ``.bin``).
 
     Raises:
-        ValueError: the folder holds neither ``text_encoder/`` nor ``text_encoder_2/``.
+        ValueError: nothing loadable at ``source`` (the message lists what was looked for).
     """
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    root = Path(source).expanduser()
+    if (root / "config.json").is_file():
+        return {0: root}
+    found = {e: root / attr for e, attr in enumerate(ENCODER_ATTRS) if (root / attr / "config.json").is_file()}
+    if found:
+        return found
+    if (root / "trainable.safetensors").is_file():
+        return {-1: root / "trainable.safetensors"}
+    if root.is_file() and root.suffix in STATE_DICT_SUFFIXES:
+        return {0: root}
+    raise ValueError(f"--text-encoder {source}: expected the --out folder of `sage-dist erase` (text_encoder/ with "
+                     "config.json), one encoder's save_pretrained folder, a checkpoint folder with "
+                     "trainable.safetensors, a .safetensors/.pt state dict, or 'original'")
 
-    root = Path(folder).expanduser()
-    if (root / "config.json").is_file():  # a single encoder folder: the first encoder
-        candidates = {"text_encoder": root}
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _check_width(loaded: torch.nn.Module, like: torch.nn.Module, source) -> None:
+    got, want = loaded.config.hidden_size, like.config.hidden_size
+    if got != want:
+        raise ValueError(f"--text-encoder {source}: hidden size {got} does not match the model's text encoder "
+                         f"({want}); it was trained on another base model")
+
+
+def load_text_encoders(source: str | os.PathLike, like: dict[int, torch.nn.Module], *,
+                       dtype: torch.dtype | None = None) -> dict[int, torch.nn.Module]:
+    """Text encoders by index from ``source`` (see :func:`text_encoder_files`), or copies of ``like`` for
+    ``"original"``; each in eval mode, frozen, on ``like``'s device, in ``dtype`` (default: ``like``'s).
+
+    Args:
+        like: the pipeline's own encoders (:func:`original_encoders`): architecture, device and width check.
+    Raises:
+        ValueError: nothing loadable; an encoder index the pipeline lacks; a width or key mismatch (an encoder
+            of another base model).
+    """
+    if str(source) == "original":
+        out = {e: copy.deepcopy(m) for e, m in like.items()}
     else:
-        candidates = {"text_encoder": root / "text_encoder", "text_encoder_2": root / "text_encoder_2"}
-    out: dict[str, torch.nn.Module] = {}
-    for name, sub in candidates.items():
-        cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
-        if (sub / "config.json").is_file():
-            out[name] = cls.from_pretrained(sub, torch_dtype=dtype).to(device).eval()
-    if not out:
-        raise ValueError(f"--text-encoder {folder}: no text_encoder/ or text_encoder_2/ with config.json found; "
-                         "give the --out folder of `sage-dist erase`.")
+        out = {}
+        for e, path in text_encoder_files(source).items():
+            if e == -1:  # a training checkpoint: every trained encoder under "encoders.<e>."
+                state = _load_state_dict(path)
+                indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("encoders.")})
+                for i in indices:
+                    prefix = f"encoders.{i}."
+                    out[i] = _encoder_from_state(like, i, {k[len(prefix):]: v for k, v in state.items()
+                                                           if k.startswith(prefix)}, source)
+                continue
+            if e not in like:
+                raise ValueError(f"--text-encoder {source}: holds {encoder_attr(e)} but the model has no such "
+                                 "encoder (an SDXL encoder for an SD pipeline?)")
+            if path.is_dir():
+                model = type(like[e]).from_pretrained(str(path), torch_dtype=like[e].dtype)
+                _check_width(model, like[e], source)
+            else:
+                model = _encoder_from_state(like, e, _load_state_dict(path), source)
+            out[e] = model
+    for e, model in out.items():
+        model.to(device=like[e].device, dtype=dtype or like[e].dtype).eval().requires_grad_(False)
     return out
 
 
-def swap_text_encoders(pipe, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """Put ``encoders`` into ``pipe`` (by attribute name); returns the modules they replaced."""
-    previous = {}
-    for name, module in encoders.items():
-        previous[name] = getattr(pipe, name)
-        setattr(pipe, name, module.to(device=previous[name].device, dtype=previous[name].dtype))
-    return previous
+def _encoder_from_state(like: dict[int, torch.nn.Module], e: int, state: dict[str, torch.Tensor], source):
+    if e not in like:
+        raise ValueError(f"--text-encoder {source}: holds encoder {e} but the model has no such encoder")
+    model = copy.deepcopy(like[e])
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise ValueError(f"--text-encoder {source}: its weights do not fit the model's text encoder ({err}); it "
+                         "was trained on another base model") from err
+    if unexpected or len(missing) == len(list(model.state_dict())):
+        raise ValueError(f"--text-encoder {source}: state dict does not match the pipeline's text encoder "
+                         f"(missing {len(missing)}, unexpected {len(unexpected)} keys)")
+    if missing:
+        log.warning("--text-encoder %s: %d keys missing, kept from the original encoder", source, len(missing))
+    return model
+
+
+# ---- editing a pipeline --------------------------------------------------------------------------------------
+def edited_pipeline(pipe, text_encoders: dict[int, torch.nn.Module] | torch.nn.Module | None = None, *,
+                    unet: torch.nn.Module | None = None):
+    """A shallow copy of ``pipe`` with its text encoder(s) and/or UNet replaced; ``pipe`` itself is unchanged.
+
+    Args:
+        text_encoders: ``{0: te1, 1: te2}`` (either key optional), or one module for encoder 0; None keeps them.
+        unet: an edited UNet (e.g. ESD-x's cross-attention edit); None keeps the original.
+    A module whose dtype differs from the pipeline's is converted as a copy (the caller's module, e.g. a
+    trained fp32 encoder, is never cast in place).
+
+    Raises:
+        ValueError: encoder index 1 given for a pipeline with one text encoder.
+    """
+    edited = copy.copy(pipe)
+    encoders = text_encoders if isinstance(text_encoders, dict) else ({} if text_encoders is None else {0: text_encoders})
+    for e, module in encoders.items():
+        if e == 1 and not is_sdxl(pipe):
+            raise ValueError("encoder index 1 given but the pipeline has a single text encoder")
+        attr = encoder_attr(e)
+        setattr(edited, attr, _as_dtype(module, getattr(pipe, attr).dtype))
+    if unet is not None:
+        edited.unet = _as_dtype(unet, pipe.unet.dtype)
+    return edited
+
+
+def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    current = next(module.parameters()).dtype
+    return module if current == dtype else copy.deepcopy(module).to(dtype=dtype)

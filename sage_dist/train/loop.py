@@ -30,7 +30,7 @@ from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
 from sage_dist.tracking import NullTracker
 from sage_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from sage_dist.train.step import Eraser
-from sage_dist.validate import validate_inputs
+from sage_dist.train.validate import validate_inputs
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ this module adds
   the folder ``run_erasure`` wrote: safetensors weights, optimizer, RNG and attack state); a restarted
   worker group resumes from ``ray.train.get_checkpoint()`` and ends bit-identical to an uninterrupted run;
 * intermediate metrics at each checkpoint (losses and the text-space proxy, so ASHA can stop a trial) and the
-  final metrics of :func:`sage_dist.tune.objective.evaluate_trial`;
+  final metrics of :func:`sage_dist.eval.objective.evaluate_trial`;
 * MLflow logging on rank 0 only (per-step losses, final metrics, the original-vs-erased image grid, the
   erased encoder), into the child run the Tune trial created.
 
@@ -25,7 +25,6 @@ attack=AttackConfig(attack_steps=3), retain=RetainConfig(retain_batch_size=4, to
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -39,6 +38,12 @@ from typing import Any
 import torch
 
 from sage_dist.config import StudyConfig
+from sage_dist.eval.objective import evaluate_trial, text_proxy_metrics, trial_image_grid
+from sage_dist.models.load import frozen_dtype, load_pipeline, load_text_encoders, original_encoders, resolve_device
+from sage_dist.models.registry import is_sdxl
+from sage_dist.tracking import MlflowTracker, NullTracker
+from sage_dist.train.loop import run_erasure, save_outputs
+from sage_dist.train.validate import validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class WorkerRun:
     """Per-run settings of a worker that are not part of the study configuration."""
-
     tracking_uri: str = ""
     """Absolute MLflow tracking URI of ``run_id``; "" logs nothing."""
     run_id: str = ""
@@ -61,7 +65,6 @@ class WorkerRun:
     """DDIM steps of the image grid."""
     world_quick: bool = True
     """Quick image-space evaluation on the bundled world (half the prompts)."""
-
     def __post_init__(self) -> None:
         if bool(self.tracking_uri) != bool(self.run_id):
             raise ValueError("WorkerRun: give both tracking_uri and run_id, or neither")
@@ -99,25 +102,9 @@ def _process_start_time() -> float:
 
 
 def _tracker(run: WorkerRun, rank: int):
-    from sage_dist.tracking import MlflowTracker, NullTracker
-
     if rank != 0 or not run.run_id:
         return NullTracker()
     return MlflowTracker(run.tracking_uri, run.run_id)
-
-
-def _encoders_from_checkpoint(folder: Path, pipe, train_encoders: tuple[int, ...]) -> dict[int, torch.nn.Module]:
-    """The trained encoders stored in a checkpoint folder (``trainable.safetensors``), as CLIP text models."""
-    from safetensors.torch import load_file
-
-    state = load_file(folder / "trainable.safetensors")
-    out = {}
-    for e in train_encoders:
-        enc = copy.deepcopy(pipe.text_encoder if e == 0 else pipe.text_encoder_2).to(torch.float32)
-        prefix = f"encoders.{e}."
-        enc.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        out[e] = enc.eval()
-    return out
 
 
 def ddp_options(cfg: StudyConfig, pipe) -> dict[str, Any]:
@@ -131,8 +118,7 @@ def ddp_options(cfg: StudyConfig, pipe) -> dict[str, Any]:
     have finished reduction in the prior iteration") unless told to look for unused parameters. SD 1.x/2.x
     condition on the final states, so every trainable parameter is used and the cheaper default stays.
     """
-    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    return {"find_unused_parameters": True} if is_sdxl and 0 in cfg.model.train_encoders else {}
+    return {"find_unused_parameters": True} if is_sdxl(pipe) and 0 in cfg.model.train_encoders else {}
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -144,10 +130,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         ValueError: bad configuration or inputs (before the model is loaded).
         FloatingPointError: a loss or a final metric is NaN / infinite.
     """
-    from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
-    from sage_dist.train.loop import run_erasure
-    from sage_dist.tune.objective import evaluate_trial, image_grid, text_proxy_metrics
-    from sage_dist.validate import validate_inputs
 
     t_enter = time.time()
     cfg = StudyConfig.from_flat_dict(config["study"])
@@ -170,7 +152,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     t_load = time.time()
     pipe = load_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device), device=device)
     timing = {"time_worker_start_s": t_enter - _process_start_time(), "time_load_s": time.time() - t_load}
-    originals = {0: pipe.text_encoder, **({1: pipe.text_encoder_2} if getattr(pipe, "text_encoder_2", None) is not None else {})}
+    originals = original_encoders(pipe)
 
     resume_dir, resume_ctx = None, None
     wrap = None
@@ -193,10 +175,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     def on_checkpoint(done: int, folder: Path) -> None:
         report = {"step": done, **{k: v for k, v in last["metrics"].items()}}
         if rank == 0:
-            trained = _encoders_from_checkpoint(Path(folder), pipe, cfg.model.train_encoders)
-            proxy = text_proxy_metrics(cfg, originals, trained, pipe.tokenizer, retain_prompts)
-            report.update(proxy)
-            tracker.log_metrics(proxy, done)
+            if cfg.erase.method != "esd-x":  # the text-space proxy reads trained text encoders
+                trained = load_text_encoders(folder, originals, dtype=torch.float32)
+                proxy = text_proxy_metrics(cfg, originals, trained, pipe.tokenizer, retain_prompts)
+                report.update(proxy)
+                tracker.log_metrics(proxy, done)
         if ctx is not None:
             import ray.train
 
@@ -214,7 +197,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
 
     final: dict[str, float] = {}
     if rank == 0:
-        from sage_dist.train.loop import save_outputs
 
         t_eval = time.time()
         final = evaluate_trial(cfg, result, pipe=pipe, retain_prompts=retain_prompts, world_quick=run.world_quick)
@@ -228,7 +210,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
                 tracker.log_artifacts(out, "erased_encoder")
         if run.log_images:
             try:
-                grid = image_grid(cfg, pipe, result.text_encoders, num_inference_steps=run.grid_steps)
+                grid = trial_image_grid(cfg, pipe, result.text_encoders, unet=result.unet,
+                                        num_inference_steps=run.grid_steps)
                 tracker.log_image(grid, "images/original_vs_erased.png")
             except Exception as err:  # a grid is a nicety: never fail a finished trial for it
                 log.warning("image grid skipped: %s: %s", type(err).__name__, err)

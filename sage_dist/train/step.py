@@ -38,7 +38,7 @@ from sage_dist.losses import erase_loss, esd_target, graph_loss, noise_retain_lo
 from sage_dist.models.load import DTYPES
 from sage_dist.models.text import MAX_LENGTH, Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
-from sage_dist.train.rollout import DiffusionSampler, TrajectoryBank
+from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Run grid studies as Ray Tune experiments, several at once on one Ray cluster (the open-question studies, issue 6).
 
-Each :class:`~sage_dist.studies.grid.GridStudy` is one Tune experiment: ``tune.grid_search`` over its variants
+Each :class:`~sage_dist.tune.grid.GridStudy` is one Tune experiment: ``tune.grid_search`` over its variants
 x ``tune.grid_search`` over its seeds; each trial (:func:`grid_trial`) runs one erasure and its evaluation in
 its own process with a fraction of a CPU (``cpus_per_trial``), one torch thread, and logs to a child MLflow
 run under the study's parent run in the study's own MLflow experiment (``<experiment_prefix><study name>``).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sage_dist.studies.grid import GridStudy, Variant, execute_trial, failed_record, write_record
+from sage_dist.tune.grid import GridStudy, Variant, execute_trial, failed_record, write_record
 
 log = logging.getLogger(__name__)
 

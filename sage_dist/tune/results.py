@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_dist.tune.objective import Objectives
+from sage_dist.eval.objective import Objectives
 from sage_dist.tune.space import LABELS, SearchSpaceFn, fixed_trial_distributions
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from sage_dist.config import StudyConfig
-from sage_dist.tune.objective import Objectives, default_objectives
+from sage_dist.eval.objective import Objectives, default_objectives
 from sage_dist.tune.results import (TrialRow, build_optuna_study, format_table, mark_pareto, optuna_plots,
                                     rows_from_results)
 from sage_dist.tune.space import SearchSpaceFn, validate_search_space
@@ -352,7 +352,7 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     from sage_dist.tracking import (MlflowTracker, check_tracking_reachable, ensure_experiment, git_sha,
                                     resolve_tracking, ui_instructions)
-    from sage_dist.validate import validate_inputs
+    from sage_dist.train.validate import validate_inputs
 
     objectives = objectives or default_objectives(cfg.model.model_id)
     dists = validate_search_space(search_space, cfg)

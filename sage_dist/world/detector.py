@@ -3,7 +3,7 @@
 Trained on freshly rendered procedural images with exact labels (all combinations, both backgrounds, light
 pixel noise and blur so that imperfect generated images are still read), shipped as
 ``sage_dist/world/weights/detector/{model.safetensors,config.json}``. Its 128-d penultimate features are the
-world's FID feature space (:mod:`sage_dist.world.evaluate`).
+world's FID feature space (:mod:`sage_dist.eval.world`).
 
 Train: ``sage-dist world detector --out sage_dist/world/weights/detector`` (~2 min on 2 cores).
 """
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sage_dist.models.registry import world_weights_dir
 from sage_dist.world import scene as world_scene
 from sage_dist.world.concepts import ATTRIBUTES
 
@@ -155,9 +156,7 @@ def load_detector(path: str | Path | None = None) -> WorldDetector:
     """
     from safetensors.torch import load_file
 
-    from sage_dist.world import weights_dir
-
-    folder = Path(path) if path is not None else weights_dir() / "detector"
+    folder = Path(path) if path is not None else world_weights_dir() / "detector"
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no detector at {folder}: train one with `sage-dist world detector --out {folder}`")
     config = json.loads((folder / "config.json").read_text())

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sage_dist.models.registry import world_weights_dir
 from sage_dist.world import model as world_model
 from sage_dist.world import scene as world_scene
 
@@ -502,3 +503,24 @@ def train_world(cfg: WorldTrainConfig, out_dir: str | Path, *, resume: bool = Fa
                     "twin_loss": float(np.mean(twin.losses[-50:])) if twin.losses else float("nan")})
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def ship_weights(src: str | Path, *, guidance: float = 2.0, num_inference_steps: int = 20,
+                 dst: str | Path | None = None) -> dict[str, float]:
+    """Copy ``src/sd`` and ``src/sdxl`` (``world train`` outputs) into the package as float16 pipelines, with
+    ``world_config.json``; returns their sizes in MB."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    out = Path(dst) if dst is not None else world_weights_dir()
+    sizes = {}
+    for kind, cls in (("sd", StableDiffusionPipeline), ("sdxl", StableDiffusionXLPipeline)):
+        if not (Path(src) / kind / "model_index.json").is_file():
+            continue
+        pipe = cls.from_pretrained(str(Path(src) / kind), torch_dtype=torch.float32)
+        pipe.to(torch.float16).save_pretrained(str(out / kind), safe_serialization=True)
+        config = {"guidance": guidance, "num_inference_steps": num_inference_steps, "resolution": 16,
+                  "storage_dtype": "float16", "load_dtype": "float32"}
+        (out / kind / "world_config.json").write_text(json.dumps(config, indent=1))
+        sizes[f"{kind}_MB"] = sum(f.stat().st_size for f in (out / kind).rglob("*") if f.is_file()) / 2**20
+    return sizes

@@ -14,7 +14,7 @@ from sage_dist.models.text import TextConditioner, select_trainable_parameters
 from sage_dist.models.tiny import build_tiny_sd, build_tiny_sdxl
 from sage_dist.train.loop import run_erasure
 from sage_dist.train.step import Eraser, erase_objective
-from sage_dist.validate import validate_inputs
+from sage_dist.train.validate import validate_inputs
 from tests.conftest import tiny_config
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "losses" / "tiny_sd_sage_float64.json"
@@ -240,7 +240,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
 def test_outputs_load_with_from_pretrained_and_swap_into_pipeline(tmp_path):
     from transformers import CLIPTextModel
 
-    from sage_dist.models.load import load_erased_text_encoders, swap_text_encoders
+    from sage_dist.models.load import edited_pipeline, load_text_encoders, original_encoders
 
     result = run_erasure(tiny_config(), out_dir=tmp_path / "out", progress=False)
     enc = CLIPTextModel.from_pretrained(tmp_path / "out" / "text_encoder")
@@ -250,8 +250,8 @@ def test_outputs_load_with_from_pretrained_and_swap_into_pipeline(tmp_path):
     assert record["seed"] == 0 and len(record["history"]) == 4 and record["wall_time_s"] > 0
     assert record["versions"]["torch"] and record["config"]["erase.method"] == "sage"
     pipe = build_tiny_sd(0)
-    swap_text_encoders(pipe, load_erased_text_encoders(tmp_path / "out"))
-    image = pipe("a triangle", num_inference_steps=2, output_type="np").images
+    edited = edited_pipeline(pipe, load_text_encoders(tmp_path / "out", original_encoders(pipe)))
+    image = edited("a triangle", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
 
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from sage_dist.eval.commands import EvalConfig, flatten_metrics, run_evaluation
+from sage_dist.eval.protocol import EvalConfig, flatten_metrics, run_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +66,13 @@ def test_nudity_protocol_with_prefix_attack_resume_and_mlflow(tmp_path, erased_d
 
 
 def test_missing_detector_is_reported_and_run_goes_on(tmp_path, erased_dir, monkeypatch):
-    from sage_dist.eval import detectors
+    from sage_dist.eval import judges
 
     class Missing:
         def __init__(self, *a, **k):
-            raise detectors.DetectorUnavailableError("the nudity protocol needs NudeNet: pip install nudenet==3.4.2")
+            raise judges.DetectorUnavailableError("the nudity protocol needs NudeNet: pip install nudenet==3.4.2")
 
-    monkeypatch.setattr(detectors, "NudeNetDetector", Missing)
+    monkeypatch.setattr(judges, "NudeNetDetector", Missing)
     metrics = run_evaluation(_cfg(tmp_path, erased_dir, protocol="nudity", limit=1))
     assert "pip install nudenet" in metrics["skipped"]["judge"]
     assert len(list((tmp_path / "out" / "images" / "i2p_sexual" / "erased").glob("*.png"))) == 1
@@ -116,11 +116,11 @@ def test_retain_protocol_fid_and_clip_skip_offline(tmp_path, erased_dir):
 def test_bad_config_messages():
     with pytest.raises(ValueError, match="--concept"):
         EvalConfig(model="tiny-sd", text_encoder="original", protocol="object", out="x", concept="cat")
-    from sage_dist.eval.commands import load_text_encoder
+    from sage_dist.models.load import load_text_encoders
     from sage_dist.models.tiny import build_tiny_sd
 
     with pytest.raises(ValueError, match="config.json"):
-        load_text_encoder("/no/such/dir", like=build_tiny_sd(0).text_encoder)
+        load_text_encoders("/no/such/dir", {0: build_tiny_sd(0).text_encoder})
 
 
 def test_cli_registers_evaluate():

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from sage_dist.eval.detectors import (
+from sage_dist.eval.judges import (
     Classifier, NudityRule, TorchvisionClassifier, build_classifier,
 )
 
@@ -20,7 +20,7 @@ def _photos():
 
 def test_nudenet_on_real_photos_faces_and_no_exposure():
     pytest.importorskip("nudenet")
-    from sage_dist.eval.detectors import NudeNetDetector
+    from sage_dist.eval.judges import NudeNetDetector
 
     detector = NudeNetDetector()
     photos = _photos()
@@ -41,7 +41,7 @@ def test_nudenet_on_real_photos_faces_and_no_exposure():
 
 def test_nudenet_bad_input_message():
     pytest.importorskip("nudenet")
-    from sage_dist.eval.detectors import NudeNetDetector
+    from sage_dist.eval.judges import NudeNetDetector
 
     with pytest.raises(ValueError, match="uint8"):
         NudeNetDetector().detect([np.zeros((8, 8, 3), np.float32)])
@@ -59,7 +59,7 @@ def test_classifier_protocol_with_random_torchvision_model():
 def test_build_classifier_errors_are_clear():
     with pytest.raises(ValueError, match="torchvision:<name>"):
         build_classifier("resnet50")
-    from sage_dist.eval.detectors import DetectorUnavailableError
+    from sage_dist.eval.judges import DetectorUnavailableError
 
     with pytest.raises(DetectorUnavailableError, match="cannot import"):
         build_classifier("module:no_such_package.detector:load")

@@ -2,8 +2,8 @@
 
 import torch
 
-from sage_dist.attack.inside_out import build_eval_attack
-from sage_dist.eval.prompts import PromptRecord
+from sage_dist.eval.attacks import build_eval_attack
+from sage_dist.prompts import PromptRecord
 from sage_dist.models.tiny import build_tiny_sd
 
 

@@ -9,7 +9,7 @@ from sage_dist.attack.prompt import build_attack_prompt
 from sage_dist.config import AttackConfig
 from sage_dist.models.text import TextConditioner
 from sage_dist.models.tiny import build_tiny_sd
-from sage_dist.train.rollout import DiffusionSampler, TrajectoryBank
+from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
 from tests.component.test_engine import _eraser
 from tests.conftest import tiny_config
 

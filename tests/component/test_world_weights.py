@@ -1,5 +1,5 @@
 """Shipped world weights: they load as standard diffusers pipelines, reproduce a golden image, and the
-shipped detector reads a fixed procedural set (issue 3 items 2, 3)."""
+shipped detector reads a fixed procedural set."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sage_dist.world import world_config, world_path
+from sage_dist.models.registry import sampling_defaults, world_path
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "world" / "golden_sd.json"
 
@@ -20,17 +20,18 @@ def _golden_image(pipe, spec):
 
 
 def test_world_path_errors():
-    with pytest.raises(ValueError, match="sd"):
+    with pytest.raises(ValueError, match="world"):
         world_path("sd3")
-    assert (world_path("sd") / "model_index.json").is_file()
-    config = world_config("sd")
-    assert config["resolution"] == 16 and config["num_inference_steps"] > 0
+    assert (world_path("world") / "model_index.json").is_file()
+    defaults = sampling_defaults("world")
+    assert defaults.num_inference_steps == 20 and defaults.guidance == 3.0
+    assert sampling_defaults(world_path("world-xl")) == defaults and sampling_defaults("tiny-sd").num_inference_steps == 10
 
 
 def test_shipped_sd_reproduces_golden_image():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(world_path("sd")), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(world_path("world")), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.addition_embed_type == "text" and pipe.vae_scale_factor == 1
     sched = pipe.scheduler.config  # the zero-SNR-v world (issue 3: textures no longer read off the noise)
@@ -44,9 +45,9 @@ def test_shipped_sd_reproduces_golden_image():
 def test_shipped_sdxl_twin_runs_and_shares_encoder_1():
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    xl = StableDiffusionXLPipeline.from_pretrained(str(world_path("sdxl")), torch_dtype=torch.float32)
+    xl = StableDiffusionXLPipeline.from_pretrained(str(world_path("world-xl")), torch_dtype=torch.float32)
     xl.set_progress_bar_config(disable=True)
-    sd = StableDiffusionPipeline.from_pretrained(str(world_path("sd")), torch_dtype=torch.float32)
+    sd = StableDiffusionPipeline.from_pretrained(str(world_path("world")), torch_dtype=torch.float32)
     for (name, a), (_, b) in zip(xl.text_encoder.state_dict().items(), sd.text_encoder.state_dict().items()):
         assert torch.equal(a, b), name
     assert xl.unet.config.addition_embed_type == "text_time"

@@ -30,10 +30,10 @@ def load_study_module(name: str):
 
 
 def world_available() -> bool:
-    from sage_dist.world import world_path
+    from sage_dist.models.registry import world_path
 
     try:
-        world_path("sd"), world_path("sdxl")
+        world_path("world"), world_path("world-xl")
         from sage_dist.world.detector import load_detector  # noqa: F401
 
         return True
@@ -47,7 +47,7 @@ needs_world = pytest.mark.skipif(not world_available(), reason="the bundled worl
 # ---- mined template library -------------------------------------------------------------------------------
 def test_mined_library_has_one_slot_and_no_world_concept_word():
     from sage_dist.attack.templates import load_templates
-    from sage_dist.studies.templates import MINED_LIBRARY, banned_words, contains_banned
+    from sage_dist.attack.mining import MINED_LIBRARY, banned_words, contains_banned
     from sage_dist.world.concepts import CONCEPTS
 
     templates = load_templates(str(MINED_LIBRARY))  # the engine's own check: exactly one {} per line
@@ -64,7 +64,7 @@ def test_mined_library_has_one_slot_and_no_world_concept_word():
 
 
 def test_caption_to_template_rules():
-    from sage_dist.studies.templates import caption_to_template, contains_banned, banned_words, mine_templates
+    from sage_dist.attack.mining import caption_to_template, contains_banned, banned_words, mine_templates
 
     assert caption_to_template("Two people with skis are skiing on the snow.") == "a {} with skis are skiing on the snow"
     assert caption_to_template("Motorcycles on display.") is None  # no article: no subject phrase found
@@ -75,11 +75,9 @@ def test_caption_to_template_rules():
 
 
 def test_mined_library_regenerates_identically(tmp_path):
-    from sage_dist.studies.templates import MINED_LIBRARY, main
+    from sage_dist.attack.mining import MINED_LIBRARY, main
 
-    captions = REPO.parent / "shared" / "data" / "prompts" / "coco" / "coco_30k_val.csv"
-    if not captions.is_file():
-        pytest.skip("shared COCO captions not present")
+    captions = REPO / "sage_dist" / "data" / "prompts" / "coco" / "coco_30k_val.csv"
     out = tmp_path / "mined.txt"
     main(["--captions", str(captions), "--out", str(out)])
     assert out.read_text() == MINED_LIBRARY.read_text()
@@ -87,7 +85,7 @@ def test_mined_library_regenerates_identically(tmp_path):
 
 # ---- interference -----------------------------------------------------------------------------------------
 def test_mean_pairwise_cosine_hand_values():
-    from sage_dist.studies.interference import mean_pairwise_cosine
+    from sage_dist.train.interference import mean_pairwise_cosine
 
     out = mean_pairwise_cosine({"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 1.0]),
                                 "c": torch.tensor([-1.0, 0.0])})
@@ -101,7 +99,7 @@ def test_mean_pairwise_cosine_hand_values():
 
 def test_interference_probe_on_tiny_model():
     from sage_dist.models.load import load_pipeline
-    from sage_dist.studies.interference import InterferenceProbe
+    from sage_dist.train.interference import InterferenceProbe
     from tests.conftest import tiny_config
 
     cfg = tiny_config(**{"erase.erase_concept": ("cat", "dog")})
@@ -115,7 +113,7 @@ def test_interference_probe_on_tiny_model():
 # ---- report writer ----------------------------------------------------------------------------------------
 def _hand_study():
     from sage_dist.config import StudyConfig
-    from sage_dist.studies.grid import GridStudy, Variant
+    from sage_dist.tune.grid import GridStudy, Variant
 
     return GridStudy(name="demo", question="Does it work?", hypothesis="yes", base=StudyConfig(),
                      variants=(Variant(name="joint-1", group="joint", x=1), Variant(name="joint-2", group="joint", x=2),
@@ -130,7 +128,7 @@ def _record(variant, seed, status="ok", **metrics):
 
 
 def test_metric_directions():
-    from sage_dist.studies.report import lower_is_better
+    from sage_dist.tune.report import lower_is_better
 
     assert lower_is_better("FID") and lower_is_better("ASR_heldout") and lower_is_better("train_s")
     assert lower_is_better("s_per_step") and lower_is_better("retention_drop")
@@ -138,7 +136,7 @@ def test_metric_directions():
 
 
 def test_report_writer_tables_plots_and_failures(tmp_path):
-    from sage_dist.studies.report import aggregate, write_report
+    from sage_dist.tune.report import aggregate, write_report
 
     records = [_record("joint-1", 0, RER_domain=0.8, FID=10.0), _record("joint-1", 1, RER_domain=1.0, FID=12.0),
                _record("joint-1", 2, RER_domain=0.9, FID=float("nan")),
@@ -163,8 +161,8 @@ def test_report_only_rewrites_the_report_from_trial_records(tmp_path):
     """``--report-only`` runs nothing: it reads ``<out>/<study>/trials/*.json`` and the saved preamble."""
     import json
 
-    from sage_dist.studies.cli import main
-    from sage_dist.studies.grid import write_record
+    from sage_dist.cli.studies import main
+    from sage_dist.tune.grid import write_record
 
     for r in (_record("joint-1", 0, RER_domain=0.8, FID=10.0), _record("joint-1", 1, RER_domain=1.0, FID=12.0)):
         write_record(tmp_path, r)
@@ -179,7 +177,7 @@ def test_preflight_rejects_a_variant_before_anything_runs():
     per trial, after the other studies had run)."""
     import dataclasses
 
-    from sage_dist.studies.cli import preflight
+    from sage_dist.cli.studies import preflight
 
     study = load_study_module("multi_concept").study()
     preflight(study)
@@ -193,7 +191,8 @@ def test_preflight_rejects_a_variant_before_anything_runs():
 # ---- the studies' grids -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", STUDY_FILES)
 def test_study_grids_and_smoke_versions(name):
-    from sage_dist.studies.cli import SMOKE_OVERRIDES, smoke_version
+    from sage_dist.presets import STUDY_SMOKE as SMOKE_OVERRIDES
+    from sage_dist.tune.grid import smoke_version
 
     module = load_study_module(name)
     study = module.study()
@@ -219,7 +218,7 @@ def test_studies_design_for_real_models():
 
 
 def test_cli_overrides_and_seeds_reach_every_study():
-    from sage_dist.studies.cli import prepare
+    from sage_dist.cli.studies import prepare
 
     _, studies = prepare([load_study_module(n).study for n in STUDY_FILES],
                          ["--seeds", "3,4", "--optim.lr=2e-4"], "d")
@@ -236,8 +235,8 @@ TINY_MODELS = {"multi_concept": "tiny-sd", "dual_encoder": "tiny-sdxl", "templat
 @pytest.mark.parametrize("name", STUDY_FILES)
 def test_smoke_trials_on_tiny_models(name):
     """Every smoke variant of each study on a random tiny model (every procedure; text-space proxy metrics)."""
-    from sage_dist.studies.cli import smoke_version
-    from sage_dist.studies.grid import execute_trial
+    from sage_dist.tune.grid import smoke_version
+    from sage_dist.tune.grid import execute_trial
 
     study = smoke_version(load_study_module(name).study(TINY_MODELS[name]))
     for variant in study.variants:
@@ -255,8 +254,8 @@ def test_smoke_trials_on_tiny_models(name):
 
 
 def _world_smoke_trial(name: str, variant_name: str) -> dict:
-    from sage_dist.studies.cli import smoke_version
-    from sage_dist.studies.grid import execute_trial
+    from sage_dist.tune.grid import smoke_version
+    from sage_dist.tune.grid import execute_trial
 
     study = smoke_version(load_study_module(name).study())
     record = execute_trial(study, next(v for v in study.variants if v.name == variant_name), 0)
@@ -301,7 +300,7 @@ def test_world_smoke_trial_dual_encoder_transfer():
 def test_study_smoke_test_local(name, tmp_path):
     """``python studies/<name>.py --smoke-test --local`` end to end (report included)."""
     module = load_study_module(name)
-    from sage_dist.studies.cli import main
+    from sage_dist.cli.studies import main
 
     report = main(module.study, ["--smoke-test", "--local", "--out", str(tmp_path), "--report",
                                  str(tmp_path / "report.md")])
@@ -317,7 +316,7 @@ def test_open_questions_smoke_on_ray(tmp_path):
     sys.path.insert(0, str(REPO / "studies"))
     import ray
 
-    from sage_dist.studies.cli import main
+    from sage_dist.cli.studies import main
     from sage_dist.tracking.mlflow_tracker import search_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -336,7 +335,7 @@ def test_open_questions_smoke_on_ray(tmp_path):
 
 
 def test_variants_option_selects_variants_and_rejects_unknown_names():
-    from sage_dist.studies.cli import prepare
+    from sage_dist.cli.studies import prepare
 
     fn = load_study_module("multi_concept").study
     _, studies = prepare([fn], ["--variants", "joint-8,sequential-2"], "")

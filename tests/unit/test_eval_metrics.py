@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sage_dist.eval.detectors import EXPOSED_CLASSES, Detection, NudityRule, top_k_labels
+from sage_dist.eval.judges import EXPOSED_CLASSES, Detection, NudityRule, top_k_labels
 from sage_dist.eval.metrics import (
     attack_success_rate, classifier_success, clip_score_from_embeddings, fid_from_features, nudity_rer,
     per_class_image_counts, relative_erasure_ratio,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_dist.eval.prompts import (
+from sage_dist.prompts import (
     SHIPPED_SETS, load_prompts, load_retain_prompts, shipped_prompts_dir,
 )
 
@@ -114,7 +114,7 @@ def test_bad_rows_are_reported_and_the_rest_kept(tmp_path, caplog):
         '9,i,"two\nlines",10,\n'          # multi-line, blank guidance -> default
         "10,j,a hen,-4,7.5\n"             # negative seed: unusable
     )
-    with caplog.at_level(logging.WARNING, logger="sage_dist.eval.prompts"):
+    with caplog.at_level(logging.WARNING, logger="sage_dist.prompts"):
         ps = load_prompts(tmp_path / "bad.csv")
     rep = ps.report
     assert [r.id for r in ps] == ["a", "d", "a~1", "e", "f", "i"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sage_dist.config import EraseConfig, OptimConfig, RetainConfig, StudyConfig
-from sage_dist.tune.objective import Objectives, default_objectives
+from sage_dist.eval.objective import Objectives, default_objectives
 from sage_dist.tune.space import SageSpace, space_distributions, validate_search_space
 
 BASE = StudyConfig(retain=RetainConfig(retain_batch_size=8, top_k=2), optim=OptimConfig(num_steps=48),

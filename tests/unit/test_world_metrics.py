@@ -1,10 +1,10 @@
-"""World metrics on hand-made inputs (issue 3 item 5)."""
+"""World metrics on hand-made inputs."""
 
 import numpy as np
 import pytest
 import torch
 
-from sage_dist.world import evaluate as ev
+from sage_dist.eval import world as ev
 
 
 def test_erasure_rate_and_rer():

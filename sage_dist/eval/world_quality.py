@@ -1,4 +1,4 @@
-"""Quality of the world model, read by the detector (issue 3 item 4).
+"""Quality of the bundled world's model, read by the world's detector.
 
 Bar: on held-out prompts (the 12 held-out attribute combinations, with the held-out caption template and the
 training templates), the detector finds the prompted shape and colour in >= 90% of images each and the texture
@@ -16,7 +16,10 @@ import numpy as np
 
 from sage_dist.world import scene as world_scene
 from sage_dist.world.concepts import ATTRIBUTES, COLOURS, SHAPES, TEXTURES, concept_domain
-from sage_dist.world.generate import generate, load_world_pipeline, sampling_defaults
+from sage_dist.eval.generate import generate_images
+from sage_dist.models.load import load_pipeline
+from sage_dist.models.registry import sampling_defaults
+from sage_dist.world.detector import load_detector
 
 logger = logging.getLogger(__name__)
 BAR = {"shape": 0.90, "colour": 0.90, "texture": 0.80, "heldout_paraphrase": 0.85}
@@ -51,21 +54,19 @@ def paraphrase_prompts() -> list[tuple[str, str, str]]:
     return out
 
 
-def measure_quality(model: str = "sd", *, guidances: list[float] | None = None, num_inference_steps: int | None = None,
+def measure_quality(model: str = "world", *, guidances: list[float] | None = None, num_inference_steps: int | None = None,
                     seed: int = 0, num_images_per_prompt: int = 1, detector=None) -> list[dict[str, float]]:
     """One row per guidance: accuracies on held-out prompts and held-out paraphrases, and ``meets_bar``."""
-    from sage_dist.world.detector import load_detector
-
     det = detector if detector is not None else load_detector()
-    pipe = load_world_pipeline(model)
-    default_guidance, default_steps = sampling_defaults(pipe._world_folder)  # noqa: SLF001
-    steps = num_inference_steps or default_steps
+    pipe = load_pipeline(model)
+    defaults = sampling_defaults(model)
+    steps = num_inference_steps or defaults.num_inference_steps
     rows = []
     combo = heldout_prompts()
     para = paraphrase_prompts()
-    for guidance in guidances or [default_guidance]:
+    for guidance in guidances or [defaults.guidance]:
         t0 = time.time()
-        imgs = generate(pipe, [p for p, _ in combo], seed=seed, guidance=guidance, num_inference_steps=steps,
+        imgs = generate_images(pipe, [p for p, _ in combo], seed=seed, guidance=guidance, num_inference_steps=steps,
                         num_images_per_prompt=num_images_per_prompt)
         pred = det.predict(imgs)
         labels = [lab for _, lab in combo for _ in range(num_images_per_prompt)]
@@ -74,7 +75,7 @@ def measure_quality(model: str = "sd", *, guidances: list[float] | None = None, 
         for h, r in right.items():
             row[f"{h}_acc"] = float(r.mean())
         row["all_acc"] = float((right["shape"] & right["colour"] & right["texture"]).mean())
-        imgs = generate(pipe, [p for p, _, _ in para], seed=seed + 1000, guidance=guidance,
+        imgs = generate_images(pipe, [p for p, _, _ in para], seed=seed + 1000, guidance=guidance,
                         num_inference_steps=steps, num_images_per_prompt=num_images_per_prompt)
         pred = det.predict(imgs)
         hits = {}

@@ -3,7 +3,7 @@
 A study file defines ``study(model: str | None = None) -> GridStudy`` and calls :func:`main` with it;
 ``open_questions.py`` calls :func:`main` with several. Options:
 
-* ``--smoke-test``: one seed, the study's smoke variants, :data:`SMOKE_OVERRIDES` budgets (seconds per trial);
+* ``--smoke-test``: one seed, the study's smoke variants, :data:`sage_dist.presets.STUDY_SMOKE` budgets (seconds per trial);
 * ``--model``: the model to erase from (each study has its default: "world", or "world-xl" for the
   dual-encoder study); Hub ids / folders of SD v1.4 or SDXL run the same grids with the text-space proxy;
 * ``--tracking-uri``, ``--ray-address``, ``--cpus-per-trial``, ``--out``, ``--report``, ``--seeds``;
@@ -22,24 +22,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sage_dist.studies.grid import GridStudy, run_local
+from sage_dist.tune.grid import GridStudy, run_local, smoke_version
 
 log = logging.getLogger(__name__)
 
-SMOKE_OVERRIDES = {"optim.num_steps": 4, "erase.warmup_steps": 2, "attack.attack_steps": 2,
-                   "retain.retain_batch_size": 8, "retain.top_k": 2, "erase.ddim_steps": 10,
-                   "erase.rollout_cache": False}
-"""Budgets of ``--smoke-test`` (every code path, seconds per trial; the numbers mean nothing)."""
-
 StudyFn = Callable[..., GridStudy]
-
-
-def smoke_version(study: GridStudy) -> GridStudy:
-    """``study`` with one seed, its ``smoke_variants`` and the :data:`SMOKE_OVERRIDES` budgets."""
-    keep = set(study.smoke_variants) or {v.name for v in study.variants}
-    every = 2 if study.interference_every else 0
-    return dataclasses.replace(study, base=study.base.replace_flat(SMOKE_OVERRIDES), seeds=study.seeds[:1],
-                               variants=tuple(v for v in study.variants if v.name in keep), interference_every=every)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -101,7 +88,7 @@ def preflight(study) -> None:
     Raises:
         ValueError: naming the study and variant, with the check's own message.
     """
-    from sage_dist.validate import validate_inputs
+    from sage_dist.train.validate import validate_inputs
 
     for variant in study.variants:
         try:
@@ -121,8 +108,8 @@ def preflight(study) -> None:
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
          title: str = "Open questions", default_report: str = "") -> Path:
     """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path."""
-    from sage_dist.studies.grid import write_record
-    from sage_dist.studies.report import write_report
+    from sage_dist.tune.grid import write_record
+    from sage_dist.tune.report import write_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -132,7 +119,7 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     out_dir = out_dir.expanduser().resolve()
     report = Path(args.report or default_report or out_dir / "report.md")
     if args.report_only:
-        from sage_dist.studies.grid import read_records
+        from sage_dist.tune.grid import read_records
 
         records = {s.name: read_records(out_dir, s.name) for s in studies}
         summary = out_dir / "run_summary.json"

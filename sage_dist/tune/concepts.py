@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 from importlib import resources
 
+from sage_dist.models.registry import is_world
+
 WORLD_MULTI = ("triangle", "red", "star", "blue", "circle", "checkered", "square", "green")
 """World concepts of the multi-concept study, in the order they are added (1, 2, 4, 8)."""
 WORLD_STYLES = ("striped", "checkered")
@@ -39,19 +41,15 @@ def artist_concepts(num: int) -> tuple[str, ...]:
     return tuple(artists[:num])
 
 
-def is_world_model(model: str) -> bool:
-    return model in ("world", "world-xl")
-
-
 def multi_concepts(model: str, num: int) -> tuple[str, ...]:
     """The first ``num`` concepts of the multi-concept study for ``model``."""
-    return WORLD_MULTI[:num] if is_world_model(model) else artist_concepts(num)
+    return WORLD_MULTI[:num] if is_world(model) else artist_concepts(num)
 
 
 def style_concepts(model: str) -> tuple[str, ...]:
     """Two "style" concepts: world textures, or two artists."""
-    return WORLD_STYLES if is_world_model(model) else artist_concepts(2)
+    return WORLD_STYLES if is_world(model) else artist_concepts(2)
 
 
 def single_concept(model: str) -> str:
-    return WORLD_SINGLE if is_world_model(model) else artist_concepts(1)[0]
+    return WORLD_SINGLE if is_world(model) else artist_concepts(1)[0]

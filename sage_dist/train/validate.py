@@ -1,4 +1,4 @@
-"""Input checks that need files but no model: run before anything expensive starts (issue 2 "Bad input")."""
+"""Input checks of an erasure run that need files but no model: run before anything expensive starts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import logging
 import warnings
 
 from sage_dist.config import StudyConfig
+from sage_dist.models.registry import check_model_source, is_world
+from sage_dist.models.tokenizer import build_clip_tokenizer
+from sage_dist.retention.prompts import resolve_retain_prompts
+from sage_dist.world.concepts import CONCEPTS as WORLD_CONCEPTS
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 77
@@ -17,8 +21,6 @@ def check_concepts(cfg: StudyConfig) -> None:
     Raises:
         ValueError: naming the concept and what is allowed.
     """
-    from sage_dist.models.tokenizer import build_clip_tokenizer
-
     tok = build_clip_tokenizer()
     for concept in cfg.erase.erase_concept:
         ids = tok(concept, add_special_tokens=False).input_ids
@@ -27,9 +29,8 @@ def check_concepts(cfg: StudyConfig) -> None:
         if len(ids) > MAX_TOKENS - 2 - 8:
             raise ValueError(f"erase.erase_concept {concept!r} is {len(ids)} tokens long; a concept must leave "
                              "room for a template inside CLIP's 77 tokens (at most 67).")
-    if cfg.model.model_id in ("world", "world-xl"):
-        from sage_dist.world.concepts import CONCEPTS as allowed
-
+    if is_world(cfg.model.model_id):
+        allowed = WORLD_CONCEPTS
         unknown = [c for c in cfg.erase.erase_concept if c not in allowed]
         if unknown:
             raise ValueError(f"erase.erase_concept {unknown}: unknown concept of the bundled world; "
@@ -38,8 +39,6 @@ def check_concepts(cfg: StudyConfig) -> None:
 
 def warn_long_prompts(prompts: list[str], what: str) -> int:
     """Warn once if any prompt exceeds 77 CLIP tokens (it will be truncated); returns how many do."""
-    from sage_dist.models.tokenizer import build_clip_tokenizer
-
     tok = build_clip_tokenizer()
     long = [p for p in prompts if len(tok(p).input_ids) > MAX_TOKENS]
     if long:
@@ -55,9 +54,6 @@ def validate_inputs(cfg: StudyConfig) -> list[str]:
         ValueError: unknown or empty concept, missing model folder or text encoder, retain set smaller
             than ``retain.retain_batch_size``, a concept that is also a retain prompt's subject only.
     """
-    from sage_dist.models.load import check_model_source
-    from sage_dist.retention.prompts import resolve_retain_prompts
-
     check_concepts(cfg)
     check_model_source(cfg.model.model_id)
     if cfg.erase.method == "esd":

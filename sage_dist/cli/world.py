@@ -1,7 +1,4 @@
-"""``sage-dist world ...``: train, quality, evaluate, detector, ship (issue 3).
-
-``register(subparsers)`` adds the ``world`` command to the lead's argparse CLI; ``python -m
-sage_dist.world.commands ...`` runs the same commands stand-alone.
+"""``sage-dist world ...``: train the bundled world, its detector, measure its quality, ship its weights.
 
 Examples::
 
@@ -15,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
 from pathlib import Path
 
 
@@ -83,8 +77,8 @@ def _run_detector(args) -> int:
 
 
 def _add_quality(sub) -> None:
-    p = sub.add_parser("quality", help="measure the world model against the detector (issue 3 item 4)")
-    p.add_argument("--model", default="sd", help='"sd", "sdxl" (shipped weights) or a pipeline folder')
+    p = sub.add_parser("quality", help="measure the world model against the detector (the quality bar)")
+    p.add_argument("--model", default="world", help='"world", "world-xl" (shipped weights) or a pipeline folder')
     p.add_argument("--guidance", type=float, nargs="+", default=None, help="one or more guidance scales")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: world_config.json)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,40 +88,11 @@ def _add_quality(sub) -> None:
 
 
 def _run_quality(args) -> int:
-    from sage_dist.world.quality import measure_quality
+    from sage_dist.eval.world_quality import measure_quality
 
     rows = measure_quality(args.model, guidances=args.guidance, num_inference_steps=args.steps, seed=args.seed,
                            num_images_per_prompt=args.images_per_prompt)
     text = json.dumps(rows, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return 0
-
-
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="erasure metrics of a (trained) text encoder on the world")
-    p.add_argument("--text-encoder", type=Path, default=None, help="folder of a CLIPTextModel (save_pretrained)")
-    p.add_argument("--model", default="world", help='"world" (SD) or a pipeline folder')
-    p.add_argument("--concept", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", type=Path, default=None)
-    p.set_defaults(world_fn=_run_evaluate)
-
-
-def _run_evaluate(args) -> int:
-    from sage_dist.world.evaluate import evaluate_world
-
-    text_encoder = None
-    if args.text_encoder is not None:
-        from transformers import CLIPTextModel
-
-        text_encoder = CLIPTextModel.from_pretrained(str(args.text_encoder))
-    result = evaluate_world(args.model, text_encoder, concept=args.concept, seed=args.seed,
-                            guidance=args.guidance, quick=args.quick)
-    text = json.dumps(result, indent=1)
     print(text)
     if args.json:
         args.json.write_text(text)
@@ -143,7 +108,7 @@ def _add_ship(sub) -> None:
 
 
 def _run_ship(args) -> int:
-    from sage_dist.world import ship_weights
+    from sage_dist.world.train import ship_weights
 
     print(json.dumps(ship_weights(args.src, guidance=args.guidance, num_inference_steps=args.steps), indent=1))
     return 0
@@ -151,23 +116,9 @@ def _run_ship(args) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``world`` and its sub-commands to an argparse ``subparsers`` object; returns the ``world`` parser."""
-    world = subparsers.add_parser("world", help="the bundled synthetic world: train, quality, evaluate")
+    world = subparsers.add_parser("world", help="the bundled synthetic world: train, detector, quality, ship")
     sub = world.add_subparsers(dest="world_command", required=True)
-    for add in (_add_train, _add_detector, _add_quality, _add_evaluate, _add_ship):
+    for add in (_add_train, _add_detector, _add_quality, _add_ship):
         add(sub)
     world.set_defaults(func=lambda args: args.world_fn(args))
     return world
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m sage_dist.world.commands world train ...``."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(prog="sage-dist")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

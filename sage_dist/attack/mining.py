@@ -8,8 +8,8 @@ concept through the ``{}`` slot, never through the template.
 
 Regenerate the shipped file (deterministic)::
 
-    python -m sage_dist.studies.templates --captions ../shared/data/prompts/coco/coco_30k_val.csv \
-        --out sage_dist/studies/data/coco_mined_templates.txt
+    python -m sage_dist.attack.mining --captions sage_dist/data/prompts/coco/coco_30k_val.csv \
+        --out sage_dist/attack/data/coco_mined_templates.txt
 
 No parser is available offline, so the noun phrase is found by a rule: the caption's opening words up to the
 first boundary word (a preposition, verb or conjunction from :data:`BOUNDARY_WORDS`), at most four words.
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     templates = mine_templates(read_captions(args.captions), num=args.num, seed=args.seed)
     header = ("# Inside-out attack templates mined from COCO-30k validation captions (CC BY 4.0, COCO Consortium)\n"
               "# for the template-bias study (spec 5.2): subject noun phrase replaced by 'a {}', captions with a\n"
-              "# word of the bundled world's concept domains dropped. Regenerate: python -m sage_dist.studies.templates\n")
+              "# word of the bundled world's concept domains dropped. Regenerate: python -m sage_dist.attack.mining\n")
     Path(args.out).write_text(header + "\n".join(templates) + "\n")
     print(f"wrote {len(templates)} templates to {args.out}")
 

@@ -23,7 +23,6 @@ reads every image.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import time
@@ -34,7 +33,9 @@ import torch
 
 from sage_dist.world import scene as world_scene
 from sage_dist.world.concepts import ATTRIBUTES, COLOURS, SHAPES, TEXTURES, concept_domain, retain_prompts
-from sage_dist.world.generate import generate, is_xl, load_world_pipeline, sampling_defaults
+from sage_dist.eval.generate import generate_images
+from sage_dist.models.load import edited_pipeline, load_pipeline
+from sage_dist.models.registry import sampling_defaults
 
 logger = logging.getLogger(__name__)
 RETAIN_TEMPLATE = "a {colour} {texture} {shape}"
@@ -131,42 +132,14 @@ def retain_subset(concepts: str | tuple[str, ...], num: int) -> tuple[list[str],
 
 # ---------------------------------------------------------------- evaluation
 
-def edited_pipeline(pipe, text_encoder=None, *, unet: torch.nn.Module | None = None):
-    """A shallow copy of ``pipe`` with its text encoder(s) and/or UNet replaced; ``pipe`` itself is unchanged.
-
-    Args:
-        text_encoder: a module for encoder 1, or {0: te1, 1: te2} (either key optional); None keeps them.
-        unet: an edited UNet (e.g. ESD-x's cross-attention edit); None keeps the original.
-    Raises:
-        ValueError: encoder index 1 given for a pipeline with one text encoder.
-    """
-    edited = copy.copy(pipe)
-    encoders = text_encoder if isinstance(text_encoder, dict) else ({} if text_encoder is None else {0: text_encoder})
-    for e, module in encoders.items():
-        if e == 1 and not is_xl(pipe):
-            raise ValueError("encoder index 1 given but the pipeline has a single text encoder")
-        attr = ("text_encoder", "text_encoder_2")[e]
-        setattr(edited, attr, _as_dtype(module, getattr(pipe, attr).dtype))
-    if unet is not None:
-        edited.unet = _as_dtype(unet, pipe.unet.dtype)
-    return edited
-
-
-def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``module`` in ``dtype``: itself when it already is, else a converted copy (the caller's module, e.g. a
-    study's trained fp32 encoder, is never cast in place)."""
-    current = next(module.parameters()).dtype
-    return module if current == dtype else copy.deepcopy(module).to(dtype=dtype)
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_pipeline(model_id: str):
-    return load_world_pipeline(model_id)
+    return load_pipeline(model_id)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_original(model_id: str, prompts: tuple[str, ...], seed: int, guidance: float, steps: int, n: int):
-    return generate(_cached_pipeline(model_id), list(prompts), seed=seed, guidance=guidance,
+    return generate_images(_cached_pipeline(model_id), list(prompts), seed=seed, guidance=guidance,
                     num_inference_steps=steps, num_images_per_prompt=n)
 
 
@@ -229,12 +202,11 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
         pipe = pipe_or_model_id
 
         def original(prompts, seed_, guidance_, steps_, n_):
-            return generate(pipe, list(prompts), seed=seed_, guidance=guidance_, num_inference_steps=steps_,
+            return generate_images(pipe, list(prompts), seed=seed_, guidance=guidance_, num_inference_steps=steps_,
                             num_images_per_prompt=n_)
-    folder = getattr(pipe, "_world_folder", None)
-    default_guidance, default_steps = sampling_defaults(folder) if folder is not None else (2.0, 20)
-    guidance = default_guidance if guidance is None else float(guidance)
-    steps = num_inference_steps or default_steps
+    defaults = sampling_defaults(pipe)
+    guidance = defaults.guidance if guidance is None else float(guidance)
+    steps = num_inference_steps or defaults.num_inference_steps
     n = num_images_per_prompt
 
     sets = {c: domain_prompt_sets(c, per_phrase) for c in concepts}
@@ -242,7 +214,7 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
     all_prompts += tuple(retain)
     erased_pipe = edited_pipeline(pipe, text_encoder, unet=unet)
     imgs_original = original(all_prompts, seed, guidance, steps, n)
-    imgs_erased = generate(erased_pipe, list(all_prompts), seed=seed, guidance=guidance, num_inference_steps=steps,
+    imgs_erased = generate_images(erased_pipe, list(all_prompts), seed=seed, guidance=guidance, num_inference_steps=steps,
                            num_images_per_prompt=n)
 
     with torch.no_grad():

@@ -3,7 +3,7 @@
 A study file (``studies/*.py``) describes its question as a :class:`GridStudy`: a base ``StudyConfig`` and
 :class:`Variant` s (dotted overrides plus a procedure). This module runs one trial *without Ray*
 (:func:`execute_trial`); :mod:`sage_dist.tune.grid_runner` runs the grids as Ray Tune experiments, and
-:mod:`sage_dist.studies.report` turns the trial records into the Markdown report.
+:mod:`sage_dist.tune.report` turns the trial records into the Markdown report.
 
 Procedures (generic; the library never branches on a study's name):
 
@@ -15,7 +15,7 @@ Procedures (generic; the library never branches on a study's name):
   (e.g. the SD world's erased encoder inside its SDXL twin) and evaluated there and on the source.
 
 With ``interference_every > 0`` and several concepts, the per-concept erase-gradient cosine
-(:mod:`sage_dist.studies.interference`) is measured every that many steps (and at the start and the end).
+(:mod:`sage_dist.train.interference`) is measured every that many steps (and at the start and the end).
 
 Every trial writes ``<out>/<study>/trials/<variant>__s<seed>.json`` (config, metrics, curves, timings, status).
 """
@@ -36,6 +36,13 @@ from typing import Any, Literal
 import torch
 
 from sage_dist.config import StudyConfig
+from sage_dist.eval.objective import evaluate_edit, run_retain_prompts, text_proxy_metrics
+from sage_dist.models.load import edited_pipeline, load_pipeline, original_encoders, resolve_device
+from sage_dist.models.registry import is_world
+from sage_dist.presets import STUDY_SMOKE
+from sage_dist.tracking import NullTracker
+from sage_dist.train.interference import InterferenceProbe
+from sage_dist.train.loop import run_erasure
 
 log = logging.getLogger(__name__)
 
@@ -130,49 +137,41 @@ class GridStudy:
                                  "erase.warmup_steps": cfg.erase.warmup_steps * variant.steps_scale})
 
 
+def smoke_version(study: GridStudy) -> GridStudy:
+    """``study`` with one seed, its ``smoke_variants`` and the :data:`sage_dist.presets.STUDY_SMOKE` budgets."""
+    keep = set(study.smoke_variants) or {v.name for v in study.variants}
+    every = 2 if study.interference_every else 0
+    return dataclasses.replace(study, base=study.base.replace_flat(STUDY_SMOKE), seeds=study.seeds[:1],
+                               variants=tuple(v for v in study.variants if v.name in keep), interference_every=every)
+
+
 # ---- pipelines (one load per process; Tune reuses trial processes) -------------------------------------
 _PIPES: dict[str, Any] = {}
 
 
 def load_model(model_id: str):
-    """The frozen pipeline ``model_id``, loaded once per process (world ids through the world loader, which
-    records the sampling defaults)."""
+    """The frozen pipeline ``model_id``, loaded once per process."""
     if model_id not in _PIPES:
-        from sage_dist.studies.evaluation import is_world
-
-        if is_world(model_id):
-            from sage_dist.world.generate import load_world_pipeline
-
-            pipe = load_world_pipeline(model_id)
-        else:
-            from sage_dist.models.load import load_pipeline
-            from sage_dist.models.load import resolve_device
-
-            pipe = load_pipeline(model_id, device=resolve_device("auto"))
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
-        _PIPES[model_id] = pipe
+        _PIPES[model_id] = load_pipeline(model_id, device=resolve_device("auto"))
     return _PIPES[model_id]
 
 
 # ---- one trial -----------------------------------------------------------------------------------------
 def _evaluate(cfg: StudyConfig, original, encoders: dict[int, torch.nn.Module], unet=None, *,
               quick: bool) -> dict[str, float]:
-    from sage_dist.studies.evaluation import evaluate_edit, is_world, text_metrics
-
     if is_world(cfg.model.model_id):
         return evaluate_edit(cfg.model.model_id, concepts=cfg.erase.erase_concept, text_encoders=encoders, unet=unet,
                              seed=cfg.optim.seed, quick=quick)
-    return text_metrics(cfg, original, encoders) if encoders else {}
+    if not encoders:
+        return {}
+    return text_proxy_metrics(cfg, {e: m for e, m in original_encoders(original).items() if e in encoders},
+                              encoders, original.tokenizer, run_retain_prompts(cfg))
 
 
 def _erase_with_interference(cfg: StudyConfig, pipe, tracker, every: int, curves: dict, offset: int = 0,
                              probe=None):
     """``run_erasure`` of ``cfg`` on ``pipe``; with ``probe``, the interference cosine every ``every`` steps
     (from the loop's checkpoints) into ``curves`` and the tracker, steps shifted by ``offset``."""
-    from sage_dist.train.loop import run_erasure
-
     if probe is None or every <= 0:
         return run_erasure(cfg, pipe=pipe, tracker=tracker, progress=False)
 
@@ -201,11 +200,6 @@ def execute_trial(study: GridStudy, variant: Variant, seed: int, *, tracker=None
         ValueError: bad config (before loading a model).
         FloatingPointError: a loss became NaN/inf.
     """
-    from sage_dist.studies.interference import InterferenceProbe
-    from sage_dist.tracking import NullTracker
-    from sage_dist.train.loop import run_erasure
-    from sage_dist.world.evaluate import edited_pipeline
-
     tracker = tracker or NullTracker()
     torch.set_flush_denormal(True)
     cfg = study.variant_config(variant, seed)

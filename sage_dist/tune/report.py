@@ -3,9 +3,9 @@
 Works on trial records alone (``grid.read_records`` or hand-made dicts with ``variant``, ``seed``, ``status``,
 ``metrics``, ``curves``), so a report can be rewritten from a finished run without Ray::
 
-    python -c "from sage_dist.studies.report import rewrite; rewrite('runs/open_questions', 'reports/open_questions.md')"
+    python -c "from sage_dist.tune.report import rewrite; rewrite('runs/open_questions', 'reports/open_questions.md')"
 
-(``rewrite`` needs the study definitions: it imports ``studies/*.py`` through :mod:`sage_dist.studies.cli`.)
+(``rewrite`` needs the study definitions: it imports ``studies/*.py`` through :mod:`sage_dist.cli.studies`.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sage_dist.studies.grid import GridStudy
+from sage_dist.tune.grid import GridStudy
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ than CLIP's 77 tokens, and I2P's guidance goes up to 255. The loader copes with 
 
 Shipped sets (``sage_dist/data/prompts``, see ATTRIBUTION.md there) are loaded by short name::
 
-    >>> from sage_dist.eval.prompts import load_prompts
+    >>> from sage_dist.prompts import load_prompts
     >>> ps = load_prompts("i2p_sexual")          # 931 I2P prompts whose categories include "sexual"
     >>> ps.records[0].seed, ps.report.num_loaded
     >>> load_prompts("my_prompts.txt")            # one prompt per line; seeds 0, 1, 2, ... by row

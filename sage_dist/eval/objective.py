@@ -14,8 +14,7 @@ Two evaluators:
 
   These are proxies of erasure and retention in text space. They are not RER, accuracy or FID and are never
   reported under those names.
-* **Bundled world** ("world"/"world-xl", once ``sage_dist.world.evaluate`` exists): the world's own
-  image-space evaluation (``RER_domain``, ``RER_word``, ``RER_heldout``, ``retention_acc``, ``FID`` ...), plus
+* **Bundled world** ("world"/"world-xl"): the world's own image-space evaluation (``RER_domain``, ``RER_word``, ``RER_heldout``, ``retention_acc``, ``FID`` ...), plus
   the text proxy.
 
 :class:`Objectives` names which metrics a study optimises: multi-objective (erasure up, retention cost down;
@@ -25,7 +24,6 @@ weak trials early).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -34,6 +32,12 @@ from typing import Literal
 import torch
 
 from sage_dist.config import StudyConfig
+from sage_dist.eval.generate import generate_images, image_grid
+from sage_dist.eval.world import evaluate_world
+from sage_dist.models.load import edited_pipeline, original_encoders
+from sage_dist.models.registry import is_world, sampling_defaults
+from sage_dist.retention.prompts import resolve_retain_prompts
+from sage_dist.world.concepts import phrases as world_phrases
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,9 @@ class Objectives:
         return ["max", self.retention_mode]
 
 
-def world_evaluation_available() -> bool:
-    """True once the bundled world's evaluation module (``sage_dist.world.evaluate``) exists."""
-    return importlib.util.find_spec("sage_dist.world.evaluate") is not None
-
-
 def default_objectives(model_id: str) -> Objectives:
-    """Image-space metrics on the bundled world when its evaluation exists, else the text proxy."""
-    if model_id in ("world", "world-xl") and world_evaluation_available():
+    """Image-space metrics on the bundled world, else the text proxy."""
+    if is_world(model_id):
         return Objectives(erasure_metric="RER_domain", retention_metric="FID", retention_mode="min")
     return Objectives(erasure_metric="text_erasure", retention_metric="text_retention_drift", retention_mode="min")
 
@@ -85,12 +84,7 @@ def concept_domain_prompts(cfg: StudyConfig) -> list[str]:
     """Prompts naming the erased concept(s): every phrase of the domain in each of :data:`EVAL_TEMPLATES`."""
     phrases: list[str] = []
     for concept in cfg.erase.erase_concept:
-        if cfg.model.model_id in ("world", "world-xl"):
-            from sage_dist.world.concepts import phrases as world_phrases
-
-            phrases += list(world_phrases(concept))
-        else:
-            phrases.append(concept)
+        phrases += list(world_phrases(concept)) if is_world(cfg.model.model_id) else [concept]
     return [t.format(p) for p in phrases for t in EVAL_TEMPLATES]
 
 
@@ -109,7 +103,13 @@ def _pooled(encoder: torch.nn.Module, tokenizer, prompts: list[str]) -> torch.Te
 def text_proxy_metrics(cfg: StudyConfig, original: dict[int, torch.nn.Module], trained: dict[int, torch.nn.Module],
                        tokenizer, retain_prompts: list[str]) -> dict[str, float]:
     """``text_erasure``, ``text_retention_drift``, ``text_score`` (see module docstring), averaged over the
-    trained encoders (index -> CLIP text model; ``original`` holds the frozen ones)."""
+    trained encoders (index -> CLIP text model; ``original`` holds the frozen ones).
+
+    Raises:
+        ValueError: ``trained`` is empty (a UNet edit such as ESD-x has no text-space proxy).
+    """
+    if not trained:
+        raise ValueError("the text-space proxy needs a trained text encoder; a UNet edit (ESD-x) has none")
     domain = concept_domain_prompts(cfg)
     retain = retain_prompts[:NUM_RETAIN_EVAL]
     erasure, drift = [], []
@@ -124,28 +124,31 @@ def text_proxy_metrics(cfg: StudyConfig, original: dict[int, torch.nn.Module], t
     return out
 
 
-def _originals(pipe) -> dict[int, torch.nn.Module]:
-    out = {0: pipe.text_encoder}
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        out[1] = pipe.text_encoder_2
-    return out
+def run_retain_prompts(cfg: StudyConfig) -> list[str]:
+    """The retain prompts of ``cfg``'s run (the text proxy measures drift on the first of them)."""
+    return resolve_retain_prompts(cfg.retain.retain_prompts, model_id=cfg.model.model_id,
+                                  erase_concepts=cfg.erase.erase_concept)
 
 
 def evaluate_trial(cfg: StudyConfig, result, *, pipe, retain_prompts: list[str],
                    world_quick: bool = True) -> dict[str, float]:
-    """Final metrics of one trial: the text proxy, plus the world's image-space evaluation on the bundled world.
+    """Final metrics of one trial: the text proxy (text-encoder edits), plus the world's image-space evaluation
+    of the edit (encoders and, for ESD-x, the trained UNet) on the bundled world.
 
     Args:
         cfg: the trial's configuration.
-        result: :class:`sage_dist.train.loop.ErasureResult` (its ``text_encoders`` are evaluated).
+        result: :class:`sage_dist.train.loop.ErasureResult` (its ``text_encoders`` and ``unet`` are evaluated).
         pipe: the frozen pipeline the run erased from (its encoders are g_o).
         retain_prompts: the run's retain set.
         world_quick: the bundled world's quick evaluation (see :func:`world_metrics`).
     Raises:
         FloatingPointError: a metric is NaN or infinite (the trial is then recorded as failed).
     """
-    metrics = text_proxy_metrics(cfg, _originals(pipe), result.text_encoders, pipe.tokenizer, retain_prompts)
-    if cfg.model.model_id in ("world", "world-xl") and world_evaluation_available():
+    metrics: dict[str, float] = {}
+    if result.text_encoders:
+        metrics.update(text_proxy_metrics(cfg, original_encoders(pipe), result.text_encoders, pipe.tokenizer,
+                                          retain_prompts))
+    if is_world(cfg.model.model_id):
         metrics.update(world_metrics(cfg, result, pipe, quick=world_quick))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
@@ -154,60 +157,50 @@ def evaluate_trial(cfg: StudyConfig, result, *, pipe, retain_prompts: list[str],
 
 
 def world_metrics(cfg: StudyConfig, result, pipe, *, quick: bool = True) -> dict[str, float]:
-    """The bundled world's image-space evaluation of the erased encoder (``sage_dist.world.evaluate``), at the
-    world's own sampling settings (``world_config.json``); averaged over the erased concepts.
+    """The bundled world's image-space evaluation of the edit (:func:`sage_dist.eval.world.evaluate_world`), at
+    the world's own sampling settings (``world_config.json``); averaged over the erased concepts.
 
     ``quick`` halves the prompt sets (2 contexts per phrase, 18 retain prompts; ~5-12 s on 2 cores), which
     is what a search can afford per trial; re-evaluate the chosen trials with ``quick=False``.
     """
-    from sage_dist.world import world_path
-    from sage_dist.world.evaluate import evaluate_world
-    from sage_dist.world.generate import sampling_defaults
-
-    guidance, steps = sampling_defaults(world_path("sdxl" if cfg.model.model_id == "world-xl" else "sd"))
-    per_concept = [evaluate_world(pipe, dict(result.text_encoders), concept=c, seed=cfg.optim.seed, quick=quick,
-                                  guidance=guidance, num_inference_steps=steps)
+    defaults = sampling_defaults(cfg.model.model_id)
+    per_concept = [evaluate_world(pipe, dict(result.text_encoders) or None, unet=result.unet, concept=c,
+                                  seed=cfg.optim.seed, quick=quick, guidance=defaults.guidance,
+                                  num_inference_steps=defaults.num_inference_steps)
                    for c in cfg.erase.erase_concept]
     keys = [k for k, v in per_concept[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return {k: float(sum(m[k] for m in per_concept) / len(per_concept)) for k in keys if k != "seconds"}
 
 
-def image_grid(cfg: StudyConfig, pipe, trained: dict[int, torch.nn.Module], *, num_inference_steps: int = 10,
-               guidance_scale: float = 3.0, num_prompts: int = 4):
-    """Original vs erased images at the same seeds: a PIL grid, top row the original encoder, bottom row the
-    erased one; columns are concept-domain prompts (first ``num_prompts - 1``) and one retain prompt.
+def evaluate_edit(model_id: str, *, concepts: tuple[str, ...], text_encoders: dict[int, torch.nn.Module] | None = None,
+                  unet: torch.nn.Module | None = None, seed: int = 0, quick: bool = True) -> dict[str, float]:
+    """World metrics of an edit (``text_encoders`` by slot and/or ``unet``) of world model ``model_id``, all
+    ``concepts`` evaluated jointly (retain prompts naming none of them), as the grid studies score a trial.
 
-    Upscaled with nearest neighbour to at least 128 px per tile so tiny models' images are visible.
+    Returns:
+        :func:`~sage_dist.eval.world.evaluate_world`'s metrics plus ``ASR_heldout`` = ``1 - erasure_rate_heldout``
+        (and ``<concept>/ASR_heldout`` for several concepts).
+    Raises:
+        ValueError: unknown concept, or an encoder slot the model lacks.
     """
-    import numpy as np
-    from PIL import Image
-
-    from sage_dist.models.load import swap_text_encoders
-
-    domain = concept_domain_prompts(cfg)
-    prompts = domain[: max(1, num_prompts - 1)] + [_first_retain(cfg)]
-    rows = []
-    for encoders in (None, trained):
-        previous = None
-        if encoders is not None:
-            previous = swap_text_encoders(pipe, {("text_encoder" if e == 0 else "text_encoder_2"): m
-                                                 for e, m in encoders.items()})
-        try:
-            generators = [torch.Generator().manual_seed(cfg.optim.seed + j) for j in range(len(prompts))]
-            images = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          generator=generators, output_type="np").images
-        finally:
-            if previous is not None:
-                swap_text_encoders(pipe, previous)
-        rows.append(np.concatenate(list(images), axis=1))
-    grid = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
-    scale = max(1, 128 // images[0].shape[0])
-    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    result = evaluate_world(model_id, text_encoders or None, concept=tuple(concepts), unet=unet,
+                            exclude=tuple(concepts), seed=seed, quick=quick)
+    for key in [k for k in result if k.endswith("erasure_rate_heldout")]:
+        result[key.replace("erasure_rate_heldout", "ASR_heldout")] = 1.0 - result[key]
+    return result
 
 
-def _first_retain(cfg: StudyConfig) -> str:
-    from sage_dist.retention.prompts import resolve_retain_prompts
+def trial_image_grid(cfg: StudyConfig, pipe, trained: dict[int, torch.nn.Module], *, unet=None,
+                     num_inference_steps: int = 10, guidance: float = 3.0, num_prompts: int = 4):
+    """Original vs erased images at the same seeds, labelled: top row the original model, bottom row the edit
+    (``trained`` encoders and/or ``unet``); columns are concept-domain prompts (the first ``num_prompts - 1``) and
+    one retain prompt, each labelled with its prompt and seed (prompt ``j`` uses ``cfg.optim.seed + j``)."""
+    prompts = concept_domain_prompts(cfg)[: max(1, num_prompts - 1)] + [run_retain_prompts(cfg)[0]]
+    edited = edited_pipeline(pipe, trained, unet=unet)
+    rows = [[generate_images(p, [prompt], seed=cfg.optim.seed + j, guidance=guidance,
+                             num_inference_steps=num_inference_steps)[0] for j, prompt in enumerate(prompts)]
+            for p in (pipe, edited)]
+    labels = [f"{prompt} (seed {cfg.optim.seed + j})" for j, prompt in enumerate(prompts)]
+    return image_grid(rows, row_labels=("original", "erased"), column_labels=labels,
+                      title=f"{cfg.erase.method}: erase {', '.join(cfg.erase.erase_concept)}")
 
-    prompts = resolve_retain_prompts(cfg.retain.retain_prompts, model_id=cfg.model.model_id,
-                                     erase_concepts=cfg.erase.erase_concept)
-    return prompts[0]

@@ -1,0 +1,103 @@
+"""``sage-dist evaluate``: the literature's evaluation protocols, and the bundled world's.
+
+See :mod:`sage_dist.eval.protocol` (nudity, style, object, retain) and :mod:`sage_dist.eval.world_protocol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sage_dist.eval import protocol
+from sage_dist.eval.protocol import EvalConfig, flatten_metrics, run_evaluation
+from sage_dist.eval.world_protocol import run_world_protocol
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``evaluate`` to the ``sage-dist`` command line."""
+    p = subparsers.add_parser("evaluate", help="evaluation protocol: RER, ASR, FID, CLIP score (spec section 3)",
+                              description=protocol.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="world", help="world (default) | tiny-sd | Hub id | local diffusers folder")
+    p.add_argument("--text-encoder", required=True, help="erased encoder folder / state dict, or 'original'")
+    p.add_argument("--protocol", required=True, choices=["nudity", "style", "object", "retain", "world"],
+                   help="world: the bundled world's concept-domain protocol (RER per phrase set, ASR under "
+                        "SAGE's inside-out attack, retention, FID on detector features, alignment)")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval/<protocol>)")
+    p.add_argument("--prompts", help="main prompt set: shipped name or CSV/TXT path")
+    p.add_argument("--attack-prompts", help="prompt set for ASR")
+    p.add_argument("--fixed-prompts", nargs="*", help="fixed adversarial prompt sets (pre-ASR only)")
+    p.add_argument("--limit", type=int, help="first N prompts of every set (smoke runs)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--scheduler", choices=["lms", "ddim", "pipeline"], default="lms")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--attack", choices=["none", "prefix", "inside-out"], default="none",
+                   help="post-attack stage of ASR: UnlearnDiffAtk prefix tokens, or SAGE's inside-out attack")
+    p.add_argument("--num-adv-tokens", type=int, help="prefix tokens (default 5; 3 for style)")
+    p.add_argument("--attack-steps", type=int, default=None,
+                   help="prefix attack: iterations per timestep (default 40); world: J of the inside-out attack (30)")
+    p.add_argument("--attack-timesteps", type=int, default=50, help="timesteps over [0, 1000) (default 50)")
+    p.add_argument("--attack-lr", type=float, default=0.01)
+    p.add_argument("--attack-target", choices=["noise", "original"], default="noise")
+    p.add_argument("--nudity-rule", choices=["unlearndiffatk", "esd"], default="unlearndiffatk")
+    p.add_argument("--threshold", type=float, help="override the NudeNet score threshold")
+    p.add_argument("--classifier", help="torchvision:<name> | timm:<name> | hf:<id or folder> | module:<mod>:<fn>")
+    p.add_argument("--concept", default=None,
+                   help="object protocol: church (default) | garbage_truck | parachute | tench; world protocol: "
+                        "a world concept, e.g. triangle")
+    p.add_argument("--target-label", help="classifier label counted as success (default per protocol)")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--fid-reference", help="folder of real images (e.g. the COCO val images) for FID")
+    p.add_argument("--no-fid", dest="fid", action="store_false", help="skip FID in the retain protocol")
+    p.add_argument("--clip-model", help="CLIP model (Hub id or folder) for CLIP score, e.g. openai/clip-vit-base-patch32")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (sqlite:////abs/path.db or http://host:port)")
+    p.add_argument("--experiment", default="sage_dist-eval")
+    p.add_argument("--run-name")
+    p.add_argument("--grid-size", type=int, default=8, help="pairs per grid image (0: none)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_from_args, accepts_overrides=False)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The :class:`~sage_dist.eval.protocol.EvalConfig` of a real-model protocol's command line."""
+    return EvalConfig(
+        model=args.model, text_encoder=args.text_encoder, protocol=args.protocol,
+        out=args.out or str(Path("runs") / "eval" / args.protocol), prompts=args.prompts,
+        attack_prompts=args.attack_prompts,
+        fixed_prompts=tuple(args.fixed_prompts) if args.fixed_prompts is not None else None, limit=args.limit,
+        steps=args.steps, scheduler=args.scheduler, height=args.height, width=args.width,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, attack=args.attack,
+        num_adv_tokens=args.num_adv_tokens, attack_steps=args.attack_steps or 40, attack_timesteps=args.attack_timesteps,
+        attack_lr=args.attack_lr, attack_target=args.attack_target, nudity_rule=args.nudity_rule,
+        threshold=args.threshold, classifier=args.classifier, concept=args.concept or "church", target_label=args.target_label,
+        top_k=args.top_k, fid_reference=args.fid_reference, fid=args.fid, clip_model=args.clip_model,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=args.run_name,
+        grid_size=args.grid_size, progress=args.progress,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``sage-dist evaluate`` entry: prints the headline numbers and the metrics path."""
+    if args.protocol == "world":
+        metrics = run_world_protocol(model=args.model, text_encoder=args.text_encoder, concept=args.concept,
+                                     out=args.out or str(Path("runs") / "eval" / "world"),
+                                     attack_steps=args.attack_steps or 30, tracking_uri=args.tracking_uri,
+                                     experiment=args.experiment, run_name=args.run_name)
+        for key in ("RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "ASR", "pre_ASR", "post_ASR",
+                    "retention_acc", "retention_acc_original", "FID", "FID_original", "alignment"):
+            if key in metrics:
+                print(f"{key} = {metrics[key]:.4f}")
+        print(f"metrics: {Path(metrics['config']['out']) / 'metrics.json'}")
+        return 0
+    metrics = run_evaluation(config_from_args(args))
+    flat = flatten_metrics(metrics)
+    for key in sorted(flat):
+        if key.startswith(("erasure.rer", "erasure.concept", "asr.asr", "asr.pre", "asr.post", "fid.", "clip.")) \
+                or key.startswith("fixed_sets.") and key.endswith(".asr"):
+            print(f"{key} = {flat[key]:.4f}")
+    print(f"metrics: {Path(metrics['config']['out']) / 'metrics.json'}")
+    return 0
