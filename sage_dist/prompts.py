@@ -36,6 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from sage_dist.models.tokenizer import build_clip_tokenizer
+
 log = logging.getLogger(__name__)
 
 CLIP_MAX_TOKENS = 77
@@ -77,7 +79,6 @@ RETAIN_SETS = {"coco_object": "coco_object_retain", "imagenet243": "imagenet243_
 @dataclass(frozen=True, kw_only=True)
 class PromptRecord:
     """One generation request: an image per record, reproducible from (prompt, seed, guidance)."""
-
     id: str
     """Unique within its set; image files are named after it."""
     prompt: str
@@ -90,7 +91,6 @@ class PromptRecord:
     """Concept / class / artist / I2P categories, as written in the file; ``None`` when absent."""
     extra: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     """The file's other columns, verbatim (e.g. I2P's ``nudity_percentage``, Ring-A-Bell's ``normal prompt``)."""
-
     def has_category(self, name: str) -> bool:
         """Whether ``name`` is one of the comma-separated categories (case-insensitive, exact item)."""
         if self.category is None:
@@ -101,7 +101,6 @@ class PromptRecord:
 @dataclass(frozen=True, kw_only=True)
 class LoadReport:
     """What the loader did to a file. Ids are the record ids (after de-duplication)."""
-
     source: str
     """Path or shipped-set name that was read."""
     num_rows: int
@@ -130,7 +129,6 @@ class LoadReport:
     """Ids whose seed cell was blank (seed = row number + ``default_seed``)."""
     token_check: str = "done"
     """"done", or why the 77-token check was skipped."""
-
     @property
     def num_unusable(self) -> int:
         return len(self.unusable)
@@ -153,7 +151,6 @@ class LoadReport:
 @dataclass(frozen=True)
 class PromptSet:
     """Records of one file plus the :class:`LoadReport` that says what happened to the others."""
-
     name: str
     records: tuple[PromptRecord, ...]
     report: LoadReport
@@ -226,7 +223,6 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def _count_over_token_limit(prompts: Sequence[str], ids: Sequence[str]) -> tuple[tuple[str, ...], str]:
     try:
-        from sage_dist.models.tokenizer import build_clip_tokenizer
 
         tokenizer = build_clip_tokenizer()
     except (ImportError, FileNotFoundError) as err:

@@ -13,8 +13,8 @@ from torch import Tensor
 from sage_dist.attack.inside_out import AttackResult
 from sage_dist.attack.prompt import AttackPrompt, attack_update, clip_token_norms
 from sage_dist.config import AttackConfig
-from sage_dist.models.text import Conditioning, TextConditioner
 from sage_dist.models.sampler import DiffusionSampler
+from sage_dist.models.text import Conditioning, TextConditioner
 
 
 def outside_in_attack(conditioner: TextConditioner, sampler: DiffusionSampler, prompt: AttackPrompt,

@@ -9,8 +9,14 @@ import argparse
 from pathlib import Path
 
 from sage_dist.eval.generate import side_by_side
-from sage_dist.models.load import edited_pipeline, load_pipeline, load_text_encoders, original_encoders
-from sage_dist.models.load import resolve_device, text_encoder_files
+from sage_dist.models.load import (
+    edited_pipeline,
+    load_pipeline,
+    load_text_encoders,
+    original_encoders,
+    resolve_device,
+    text_encoder_files,
+)
 from sage_dist.models.registry import check_model_source, sampling_defaults
 from sage_dist.prompts import load_prompts
 

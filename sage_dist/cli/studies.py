@@ -22,7 +22,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sage_dist.tune.grid import GridStudy, run_local, smoke_version
+from sage_dist.train.validate import validate_inputs
+from sage_dist.tune.grid import (
+    GridStudy,
+    read_records,
+    run_local,
+    smoke_version,
+    write_record,
+)
+from sage_dist.tune.grid_runner import RunSettings, launch
+from sage_dist.tune.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +97,6 @@ def preflight(study) -> None:
     Raises:
         ValueError: naming the study and variant, with the check's own message.
     """
-    from sage_dist.train.validate import validate_inputs
-
     for variant in study.variants:
         try:
             cfg = study.variant_config(variant, study.seeds[0])
@@ -108,9 +115,6 @@ def preflight(study) -> None:
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
          title: str = "Open questions", default_report: str = "") -> Path:
     """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path."""
-    from sage_dist.tune.grid import write_record
-    from sage_dist.tune.report import write_report
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     fns = study_fns if isinstance(study_fns, list) else [study_fns]
@@ -119,7 +123,6 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     out_dir = out_dir.expanduser().resolve()
     report = Path(args.report or default_report or out_dir / "report.md")
     if args.report_only:
-        from sage_dist.tune.grid import read_records
 
         records = {s.name: read_records(out_dir, s.name) for s in studies}
         summary = out_dir / "run_summary.json"
@@ -131,7 +134,6 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     if args.local:
         records = {s.name: run_local(s, out_dir) for s in studies}
     else:
-        from sage_dist.tune.grid_runner import RunSettings, launch
 
         settings = RunSettings(out_dir=str(out_dir), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
                                cpus_per_trial=args.cpus_per_trial)

@@ -14,6 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+from sage_dist.eval.world_quality import measure_quality
+from sage_dist.world.detector import train_detector
+from sage_dist.world.train import WorldTrainConfig, ship_weights, train_world
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the world's VAE, SD model and SDXL twin from scratch (resumable)")
@@ -45,8 +49,6 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from sage_dist.world.train import WorldTrainConfig, train_world
-
     cfg = WorldTrainConfig(
         seed=args.seed, minutes=args.minutes, steps=args.steps, twin_minutes=args.twin_minutes,
         twin_steps=args.twin_steps, vae_steps=args.vae_steps, num_images=args.num_images,
@@ -70,8 +72,6 @@ def _add_detector(sub) -> None:
 
 
 def _run_detector(args) -> int:
-    from sage_dist.world.detector import train_detector
-
     print(json.dumps(train_detector(args.out, seed=args.seed, steps=args.steps), indent=1))
     return 0
 
@@ -88,8 +88,6 @@ def _add_quality(sub) -> None:
 
 
 def _run_quality(args) -> int:
-    from sage_dist.eval.world_quality import measure_quality
-
     rows = measure_quality(args.model, guidances=args.guidance, num_inference_steps=args.steps, seed=args.seed,
                            num_images_per_prompt=args.images_per_prompt)
     text = json.dumps(rows, indent=1)
@@ -108,8 +106,6 @@ def _add_ship(sub) -> None:
 
 
 def _run_ship(args) -> int:
-    from sage_dist.world.train import ship_weights
-
     print(json.dumps(ship_weights(args.src, guidance=args.guidance, num_inference_steps=args.steps), indent=1))
     return 0
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from sage_dist.eval.metrics import clip_score_from_embeddings
+from sage_dist.models.tokenizer import build_clip_tokenizer
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
@@ -28,7 +29,6 @@ class ClipScorer:
         tokenizer: CLIP tokenizer (prompts are truncated to 77 tokens).
         image_processor: ``transformers.CLIPImageProcessor`` matching the model's image size.
     """
-
     def __init__(self, model, tokenizer, image_processor, *, device: str = "cpu"):
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
@@ -75,7 +75,6 @@ def build_tiny_clip_scorer(seed: int = 0) -> ClipScorer:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from sage_dist.models.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     config = CLIPConfig(

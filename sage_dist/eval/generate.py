@@ -21,6 +21,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
+from sage_dist.models.registry import is_sdxl
 from sage_dist.prompts import PromptRecord
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ SchedulerName = Literal["lms", "ddim", "pipeline"]
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
     """Sampling settings shared by the original and erased model."""
-
     num_inference_steps: int = 50
     """Denoising steps (UnlearnDiffAtk: 50 LMS; COCO FID protocol: 100 LMS)."""
     scheduler: SchedulerName = "lms"
@@ -41,7 +41,6 @@ class GenerationConfig:
     width: int | None = None
     batch_size: int = 1
     """Prompts per pipeline call (consecutive records with equal guidance are batched)."""
-
     def __post_init__(self):
         if self.num_inference_steps < 1 or self.batch_size < 1:
             raise ValueError("num_inference_steps and batch_size must be >= 1")
@@ -150,8 +149,6 @@ def generate_images(pipe, prompts: Sequence[str], *, seed: int, guidance: float,
     prompts and seed give the same initial noise for any model (an original and an edited model are compared on
     equal noise).
     """
-    from sage_dist.models.registry import is_sdxl
-
     images = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = list(prompts[start:start + batch_size])

@@ -37,14 +37,30 @@ from typing import Any, Literal
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sage_dist.eval.attacks import PrefixAttackConfig, build_eval_attack, prefix_token_attack, run_external_attack
+from sage_dist.eval.attacks import (
+    PrefixAttackConfig,
+    build_eval_attack,
+    prefix_token_attack,
+    run_external_attack,
+)
 from sage_dist.eval.clip_score import ClipScorer
 from sage_dist.eval.fid import compute_fid_images, inception_features, load_inception
-from sage_dist.eval.generate import (GenerationConfig, encode_image_latents, generate_records, render_prompt_embeds,
-                                     save_grid, set_scheduler)
+from sage_dist.eval.generate import (
+    GenerationConfig,
+    encode_image_latents,
+    generate_records,
+    render_prompt_embeds,
+    save_grid,
+    set_scheduler,
+)
 from sage_dist.eval.judges import OBJECT_LABELS, Judge, Judgement, build_judge
 from sage_dist.eval.metrics import attack_success_rate, fid_from_features, nudity_rer
-from sage_dist.models.load import load_pipeline, load_text_encoders, original_encoders, text_encoder_files
+from sage_dist.models.load import (
+    load_pipeline,
+    load_text_encoders,
+    original_encoders,
+    text_encoder_files,
+)
 from sage_dist.models.registry import is_sdxl
 from sage_dist.prompts import load_prompts
 from sage_dist.tracking.evaluation import log_evaluation

@@ -31,11 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sage_dist.world import scene as world_scene
-from sage_dist.world.concepts import ATTRIBUTES, COLOURS, SHAPES, TEXTURES, concept_domain, retain_prompts
 from sage_dist.eval.generate import generate_images
 from sage_dist.models.load import edited_pipeline, load_pipeline
 from sage_dist.models.registry import sampling_defaults
+from sage_dist.world import scene as world_scene
+from sage_dist.world.concepts import (
+    ATTRIBUTES,
+    COLOURS,
+    SHAPES,
+    TEXTURES,
+    concept_domain,
+    retain_prompts,
+)
+from sage_dist.world.detector import load_detector
 
 logger = logging.getLogger(__name__)
 RETAIN_TEMPLATE = "a {colour} {texture} {shape}"
@@ -145,8 +153,6 @@ def _cached_original(model_id: str, prompts: tuple[str, ...], seed: int, guidanc
 
 @functools.lru_cache(maxsize=32)
 def _real_features(prompts: tuple[str, ...], num: int) -> np.ndarray:
-    from sage_dist.world.detector import load_detector
-
     rng = np.random.default_rng(4321)
     scenes = []
     for i in range(num):
@@ -184,8 +190,6 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
     Raises:
         ValueError: unknown concept, an encoder index 1 for a one-encoder pipeline, or too many exclusions.
     """
-    from sage_dist.world.detector import load_detector
-
     t0 = time.time()
     concepts = (concept,) if isinstance(concept, str) else tuple(concept)
     if not concepts:

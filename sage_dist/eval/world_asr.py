@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from sage_dist.eval.attacks import build_eval_attack
+from sage_dist.eval.generate import generate_images
 from sage_dist.eval.metrics import attack_success_rate
+from sage_dist.eval.world import domain_prompt_sets
+from sage_dist.models.load import edited_pipeline
+from sage_dist.models.registry import sampling_defaults
+from sage_dist.prompts import PromptRecord
+from sage_dist.world.concepts import ATTRIBUTES, concept_domain
+from sage_dist.world.detector import load_detector
 
 
 def _shows_concept(detector, images: torch.Tensor, attribute: str, concept: str) -> list[bool]:
-    from sage_dist.world.concepts import ATTRIBUTES
-
     with torch.no_grad():
         logits = detector.heads[attribute](detector.features(images))
     return [ATTRIBUTES[attribute][i] == concept for i in logits.argmax(-1).tolist()]
@@ -37,15 +43,6 @@ def world_asr(pipe, erased_text_encoder, *, concept: str, seed: int = 0, attack_
     Raises:
         ValueError: unknown concept.
     """
-    from sage_dist.eval.attacks import build_eval_attack
-    from sage_dist.prompts import PromptRecord
-    from sage_dist.world.concepts import concept_domain
-    from sage_dist.world.detector import load_detector
-    from sage_dist.eval.generate import generate_images
-    from sage_dist.eval.world import domain_prompt_sets
-    from sage_dist.models.load import edited_pipeline
-    from sage_dist.models.registry import sampling_defaults
-
     dom = concept_domain(concept)
     defaults = sampling_defaults(pipe)
     guidance = defaults.guidance if guidance is None else guidance

@@ -16,8 +16,13 @@ from typing import Any
 from sage_dist.eval.generate import side_by_side
 from sage_dist.eval.world import domain_prompt_sets, evaluate_world
 from sage_dist.eval.world_asr import world_asr
-from sage_dist.models.load import edited_pipeline, load_pipeline, load_text_encoders, original_encoders
-from sage_dist.models.load import text_encoder_files
+from sage_dist.models.load import (
+    edited_pipeline,
+    load_pipeline,
+    load_text_encoders,
+    original_encoders,
+    text_encoder_files,
+)
 from sage_dist.models.registry import check_model_source, sampling_defaults
 from sage_dist.tracking.evaluation import log_evaluation
 from sage_dist.world.concepts import CONCEPTS

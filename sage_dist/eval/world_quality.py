@@ -14,11 +14,17 @@ import time
 
 import numpy as np
 
-from sage_dist.world import scene as world_scene
-from sage_dist.world.concepts import ATTRIBUTES, COLOURS, SHAPES, TEXTURES, concept_domain
 from sage_dist.eval.generate import generate_images
 from sage_dist.models.load import load_pipeline
 from sage_dist.models.registry import sampling_defaults
+from sage_dist.world import scene as world_scene
+from sage_dist.world.concepts import (
+    ATTRIBUTES,
+    COLOURS,
+    SHAPES,
+    TEXTURES,
+    concept_domain,
+)
 from sage_dist.world.detector import load_detector
 
 logger = logging.getLogger(__name__)

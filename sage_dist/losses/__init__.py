@@ -3,7 +3,12 @@
 Shape-suffix legend: B batch, C latent channels, H/W latent height/width, N nodes (prompts), D feature width.
 """
 
-from sage_dist.losses.attack import attack_loss, h1_concept_similarity, h2_not_erased, sequence_cosine
+from sage_dist.losses.attack import (
+           attack_loss,
+           h1_concept_similarity,
+           h2_not_erased,
+           sequence_cosine,
+)
 from sage_dist.losses.erase import erase_loss, esd_target, noise_retain_loss
 from sage_dist.losses.retain import cosine_graph, graph_loss, select_top_k
 

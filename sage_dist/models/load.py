@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from sage_dist.models.registry import ENCODER_ATTRS, TINY_IDS, encoder_attr, is_sdxl, pretrained_source
+from sage_dist.models.registry import (
+    ENCODER_ATTRS,
+    TINY_IDS,
+    encoder_attr,
+    is_sdxl,
+    pretrained_source,
+)
+from sage_dist.models.tiny import build_tiny_sd, build_tiny_sdxl
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,6 @@ def load_pipeline(model_id: str, *, dtype: torch.dtype = torch.float32, device: 
         ValueError: a bad model id or folder (:func:`sage_dist.models.registry.check_model_source`).
     """
     if model_id in TINY_IDS:
-        from sage_dist.models.tiny import build_tiny_sd, build_tiny_sdxl
 
         pipe = build_tiny_sd() if model_id == "tiny-sd" else build_tiny_sdxl()
     else:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from sage_dist.models.tokenizer import build_clip_tokenizer
+
 VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
 
@@ -51,7 +53,6 @@ def build_tiny_sd(seed: int = 0):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from sage_dist.models.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -75,7 +76,6 @@ def build_tiny_sdxl(seed: int = 0):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from sage_dist.models.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -108,7 +108,6 @@ def build_sd14_shaped(seed: int = 0):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from sage_dist.models.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

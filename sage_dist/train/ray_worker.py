@@ -38,8 +38,18 @@ from typing import Any
 import torch
 
 from sage_dist.config import StudyConfig
-from sage_dist.eval.objective import evaluate_trial, text_proxy_metrics, trial_image_grid
-from sage_dist.models.load import frozen_dtype, load_pipeline, load_text_encoders, original_encoders, resolve_device
+from sage_dist.eval.objective import (
+    evaluate_trial,
+    text_proxy_metrics,
+    trial_image_grid,
+)
+from sage_dist.models.load import (
+    frozen_dtype,
+    load_pipeline,
+    load_text_encoders,
+    original_encoders,
+    resolve_device,
+)
 from sage_dist.models.registry import is_sdxl
 from sage_dist.tracking import MlflowTracker, NullTracker
 from sage_dist.train.loop import run_erasure, save_outputs

@@ -34,11 +34,17 @@ from sage_dist.attack.outside_in import outside_in_attack
 from sage_dist.attack.prompt import AttackPrompt, build_attack_prompt, max_token_norms
 from sage_dist.attack.templates import load_templates
 from sage_dist.config import StudyConfig
-from sage_dist.losses import erase_loss, esd_target, graph_loss, noise_retain_loss, select_top_k
+from sage_dist.losses import (
+    erase_loss,
+    esd_target,
+    graph_loss,
+    noise_retain_loss,
+    select_top_k,
+)
 from sage_dist.models.load import DTYPES
+from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
 from sage_dist.models.text import MAX_LENGTH, Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
-from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
 
 log = logging.getLogger(__name__)
 

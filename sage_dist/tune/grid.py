@@ -36,8 +36,17 @@ from typing import Any, Literal
 import torch
 
 from sage_dist.config import StudyConfig
-from sage_dist.eval.objective import evaluate_edit, run_retain_prompts, text_proxy_metrics
-from sage_dist.models.load import edited_pipeline, load_pipeline, original_encoders, resolve_device
+from sage_dist.eval.objective import (
+    evaluate_edit,
+    run_retain_prompts,
+    text_proxy_metrics,
+)
+from sage_dist.models.load import (
+    edited_pipeline,
+    load_pipeline,
+    original_encoders,
+    resolve_device,
+)
 from sage_dist.models.registry import is_world
 from sage_dist.presets import STUDY_SMOKE
 from sage_dist.tracking import NullTracker

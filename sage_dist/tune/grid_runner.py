@@ -22,7 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sage_dist.tune.grid import GridStudy, Variant, execute_trial, failed_record, write_record
+from sage_dist.tracking import (
+    MlflowTracker,
+    NullTracker,
+    check_tracking_reachable,
+    ensure_experiment,
+    git_sha,
+    resolve_tracking,
+)
+from sage_dist.tune.grid import (
+    GridStudy,
+    Variant,
+    execute_trial,
+    failed_record,
+    write_record,
+)
+from sage_dist.tune.study import cluster_capacity, connect_ray, require_shared_storage
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +45,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """How the studies run (command line), shared by all studies of one launch."""
-
     out_dir: str
     """Absolute output folder: trial records, Tune experiments (``<out>/ray``)."""
     tracking_uri: str = ""
@@ -43,7 +57,6 @@ class RunSettings:
     """Ray CPUs per trial (fractions let several trials share a small machine)."""
     torch_threads: int = 1
     """torch threads per trial process."""
-
     def __post_init__(self) -> None:
         if not Path(self.out_dir).is_absolute():
             raise ValueError(f"out_dir={self.out_dir!r} must be absolute (Tune trials change directory)")
@@ -59,7 +72,6 @@ def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSetting
     import ray.tune
     import torch
 
-    from sage_dist.tracking import MlflowTracker, NullTracker, git_sha, resolve_tracking
 
     torch.set_num_threads(settings.torch_threads)
     variant, seed = Variant.from_dict(config["variant"]), int(config["seed"])
@@ -88,8 +100,6 @@ def _trial_name(trial) -> str:
 def _start_parent(study: GridStudy, settings: RunSettings):
     """The study's MLflow experiment and parent run (created by the driver, one study after another: several
     processes creating a fresh SQLite store at once race on its tables)."""
-    from sage_dist.tracking import MlflowTracker, ensure_experiment, git_sha, resolve_tracking
-
     target = resolve_tracking(settings.tracking_uri)
     experiment_id = ensure_experiment(target, settings.experiment_prefix + study.name)
     parent = MlflowTracker.start(target, experiment_id, run_name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -104,7 +114,6 @@ def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, pare
     """Run one study's Tune experiment (in a Ray task) and return its trial records."""
     from ray import tune
 
-    from sage_dist.tracking import MlflowTracker
 
     t0 = time.time()
     parent = MlflowTracker(_resolved(settings.tracking_uri), parent_run_id)
@@ -151,8 +160,6 @@ def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, pare
 
 
 def _resolved(uri: str) -> str:
-    from sage_dist.tracking import resolve_tracking
-
     return resolve_tracking(uri).tracking_uri
 
 
@@ -166,8 +173,6 @@ def launch(studies: list[GridStudy], settings: RunSettings) -> dict[str, list[di
     """
     import ray
 
-    from sage_dist.tracking import check_tracking_reachable, resolve_tracking
-    from sage_dist.tune.study import cluster_capacity, connect_ray, require_shared_storage
 
     target = resolve_tracking(settings.tracking_uri)
     check_tracking_reachable(target)

@@ -37,8 +37,24 @@ from typing import Callable, Literal
 
 from sage_dist.config import StudyConfig
 from sage_dist.eval.objective import Objectives, default_objectives
-from sage_dist.tune.results import (TrialRow, build_optuna_study, format_table, mark_pareto, optuna_plots,
-                                    rows_from_results)
+from sage_dist.tracking import (
+    MlflowTracker,
+    check_tracking_reachable,
+    ensure_experiment,
+    git_sha,
+    resolve_tracking,
+    ui_instructions,
+)
+from sage_dist.tracking.mlflow_tracker import child_runs
+from sage_dist.train.validate import validate_inputs
+from sage_dist.tune.results import (
+    TrialRow,
+    build_optuna_study,
+    format_table,
+    mark_pareto,
+    optuna_plots,
+    rows_from_results,
+)
 from sage_dist.tune.space import SearchSpaceFn, validate_search_space
 from sage_dist.tune.trial import TrialSettings, run_trial, trial_config
 
@@ -54,7 +70,6 @@ per-trial preemption-watcher actor and Train metrics (each costs process start-u
 @dataclass(frozen=True, kw_only=True)
 class StudyOptions:
     """How a study runs (the command line), separate from what each trial computes (``StudyConfig``)."""
-
     name: str
     """Study name prefix, e.g. "tune_gamma"; the folder is ``<name>-<model>-<concept>-<timestamp>``."""
     num_samples: int = 12
@@ -81,7 +96,6 @@ class StudyOptions:
     """Log an image grid per trial."""
     log_encoder: bool = True
     """Log each trial's erased encoder as an artifact."""
-
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"--num-samples={self.num_samples}: must be >= 1")
@@ -96,7 +110,6 @@ class StudyOptions:
 @dataclass
 class StudyOutcome:
     """What :func:`run_study` returns."""
-
     study_dir: Path
     rows: list[TrialRow]
     table: str
@@ -332,7 +345,6 @@ def run_study(config: Callable[[], StudyConfig], search_space: SearchSpaceFn, ar
     print(f"\n{outcome.table}\n")
     print(f"study folder: {outcome.study_dir}")
     print(f"wall time: {outcome.wall_time_s:.0f} s for {len(outcome.rows)} trials")
-    from sage_dist.tracking import resolve_tracking, ui_instructions
 
     print(ui_instructions(resolve_tracking(cfg.tracking.tracking_uri), cfg.tracking.experiment_name))
     return outcome
@@ -350,9 +362,6 @@ def execute(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOptions,
     # Intermediate reports carry losses and the text proxy; image-space objectives (RER, FID) arrive only with
     # a trial's final report, which is the one Optuna is told. Tune's strict check would reject the former.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    from sage_dist.tracking import (MlflowTracker, check_tracking_reachable, ensure_experiment, git_sha,
-                                    resolve_tracking, ui_instructions)
-    from sage_dist.train.validate import validate_inputs
 
     objectives = objectives or default_objectives(cfg.model.model_id)
     dists = validate_search_space(search_space, cfg)
@@ -492,9 +501,6 @@ def _short(values: dict) -> str:
 
 def _close_orphan_children(target, parent_run_id: str) -> None:
     """Mark child runs still RUNNING after the study (their trial process died) as FAILED."""
-    from sage_dist.tracking import MlflowTracker
-    from sage_dist.tracking.mlflow_tracker import child_runs
-
     for run in child_runs(target.tracking_uri, parent_run_id, status="RUNNING"):
         MlflowTracker(target.tracking_uri, run.info.run_id).end(
             "FAILED", "the trial process ended without closing its run (killed or crashed)")

@@ -26,6 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from sage_dist.config import StudyConfig
+from sage_dist.tracking import MlflowTracker, NullTracker, resolve_tracking
+from sage_dist.train.ray_worker import (
+    WorkerRun,
+    torch_backend,
+    train_fn_per_worker,
+    worker_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,6 @@ DETERMINISTIC_ERRORS = ("FloatingPointError", "ValueError")
 @dataclass(frozen=True, kw_only=True)
 class TrialSettings:
     """Study-level settings every trial needs (part of Tune's ``param_space``, so they survive a resume)."""
-
     study_dir: str
     """Absolute folder of the study (Tune experiment); Train runs go to ``<study_dir>/train/<trial id>``."""
     tracking_uri: str = ""
@@ -93,8 +99,6 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sage_dist.tracking import MlflowTracker, NullTracker, resolve_tracking
-    from sage_dist.train.ray_worker import WorkerRun, torch_backend, train_fn_per_worker, worker_config
 
     t_enter = time.time()
     settings = TrialSettings(**config["trial"])

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from sage_dist.models.tokenizer import build_clip_tokenizer
+
 VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
 TEXT_HIDDEN = 64
@@ -121,7 +123,6 @@ def assemble_sd(text_encoder, unet, vae, noise_schedule: str = "cosine"):
     """``StableDiffusionPipeline`` from trained parts (CPU, progress bar off)."""
     from diffusers import StableDiffusionPipeline
 
-    from sage_dist.models.tokenizer import build_clip_tokenizer
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
@@ -136,7 +137,6 @@ def assemble_sdxl(text_encoder, text_encoder_2, unet, vae, noise_schedule: str =
     """``StableDiffusionXLPipeline`` (zeros for the empty prompt, as SDXL base) from trained parts."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sage_dist.models.tokenizer import build_clip_tokenizer
 
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_clip_tokenizer(),

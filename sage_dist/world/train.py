@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from sage_dist.models.registry import world_weights_dir
+from sage_dist.models.tokenizer import build_clip_tokenizer
 from sage_dist.world import model as world_model
 from sage_dist.world import scene as world_scene
+from sage_dist.world.model import NOISE_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class WorldTrainConfig:
     """Recipe of ``sage-dist world train``."""
-
     seed: int = 0
     """Seeds the data, the initialisation and the training noise."""
     minutes: float = 60.0
@@ -88,11 +89,9 @@ class WorldTrainConfig:
     high_noise_weight_cap: float = 0.0
     """If > 0, weight each sample's eps loss by clamp(1 / snr, 1, cap): emphasises getting x0 right at high noise,
     where the world's textures are decided (the fine-tune that fixed striped vs checkered)."""
-
     def __post_init__(self) -> None:
         if self.minutes <= 0 and self.steps <= 0:
             raise ValueError("give a positive --minutes or --steps budget for the SD phase")
-        from sage_dist.world.model import NOISE_SCHEDULES
 
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"--noise-schedule {self.noise_schedule!r}: use one of {NOISE_SCHEDULES}")
@@ -228,7 +227,6 @@ def _min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 class _Trainer:
     """Shared loop of the SD and twin phases: ``encode(captions) -> (encoder_hidden_states, added_cond)``."""
-
     def __init__(self, cfg: WorldTrainConfig, ckpt: Path, phase: str, modules: dict[str, torch.nn.Module],
                  latents: torch.Tensor, scenes, encode, minutes: float, max_steps: int, export):
         self.cfg, self.ckpt, self.phase = cfg, ckpt, phase
@@ -378,8 +376,6 @@ def train_world(cfg: WorldTrainConfig, out_dir: str | Path, *, resume: bool = Fa
     Raises:
         FileExistsError: ``out_dir/ckpt`` exists and ``resume`` is False.
     """
-    from sage_dist.models.tokenizer import build_clip_tokenizer
-
     out = Path(out_dir)
     ckpt = out / "ckpt"
     if ckpt.exists() and any(ckpt.iterdir()) and not resume:
