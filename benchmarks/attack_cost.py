@@ -1,5 +1,5 @@
 """Cost of SAGE's inside-out text attack vs AdvUnlearn's outside-in UNet attack, and of one SAGE vs one ESD
-iteration, on an SD-v1.4-*shaped* model with random weights (CPU, fp32, batch 1, 64x64 latents). Issue 2 item 8.
+iteration, on an SD-v1.4-*shaped* model with random weights (CPU, fp32, batch 1, 64x64 latents).
 
     python benchmarks/attack_cost.py                 # SD-1.4 shape, ~10-15 min on 2 cores
     python benchmarks/attack_cost.py --model tiny-sd # seconds (smoke)
@@ -12,7 +12,7 @@ and the expected cost is reported as measured + (E[n] − 1) x DDIM-step time ("
 numbers are printed; ratios use the expected costs (and the measured ones, for reference).
 
 Two outside-in baselines: ``outside_in`` is AdvUnlearn's attack as implemented here and in AdvUnlearn's code
-(a fresh rollout at every attack step); ``outside_in_one_rollout`` is issue 8's anchor, one rollout and one
+(a fresh rollout at every attack step); ``outside_in_one_rollout`` is one rollout and one
 frozen target per attack, then J UNet forward+backward steps on it (its target: inside-out >= 150x cheaper).
 """
 
@@ -74,13 +74,14 @@ class _FixedDraw:
 
 
 def _outside_in_one_rollout(tc, pipe, prompt, concept, norms, attack_steps: int, steps_run: int) -> dict[str, float]:
-    """The outside-in attack with *one* rollout per attack (issue 8's anchor, cheaper than AdvUnlearn, which
+    """The outside-in attack with *one* rollout per attack (cheaper than AdvUnlearn, which
     re-draws z_t at every attack step): one partial DDIM rollout and one frozen target pass, then J steps of
     [τ_n(adversarial prompt) -> UNet forward -> loss -> gradient into the prompt tokens -> Adam]. ``steps_run``
     of the J steps are run and timed; the rollout runs one DDIM step and the mean rollout is extrapolated."""
     import torch
 
-    from sage_dist.attack.prompt import attack_update
+    from sage_dist.attack.prompt import optimise_tokens
+    from sage_dist.losses import outside_in_loss
     from sage_dist.models.sampler import DiffusionSampler
 
     size = tc.resolution // pipe.vae_scale_factor
@@ -93,15 +94,10 @@ def _outside_in_one_rollout(tc, pipe, prompt, concept, norms, attack_steps: int,
     with torch.no_grad():
         eps_target = sampler.eps(z, draw.timestep, concept)
     setup = time.perf_counter() - t0
-    work = prompt.detached()
-    leaves = [work.tokens[e].requires_grad_(True) for e in tc.train_encoders]
-    optimizer = torch.optim.Adam(leaves, lr=1e-3)
     t0 = time.perf_counter()
-    for _ in range(steps_run):
-        eps_adv = sampler.eps(z, draw.timestep, tc.condition(work.assemble(tc), trained=True))
-        grads = torch.autograd.grad(torch.mean((eps_adv - eps_target) ** 2), leaves)
-        with torch.no_grad():
-            attack_update(leaves, grads, optimizer, attack_lr=1e-3)
+    optimise_tokens(tc, prompt, lambda work: outside_in_loss(
+        sampler.eps(z, draw.timestep, tc.condition(work.assemble(tc), trained=True)), eps_target),
+        attack_steps=steps_run, attack_lr=1e-3, max_norms=norms)
     per_step = (time.perf_counter() - t0) / steps_run
     mean_rollout = (sampler.ddim_steps - 1) / 2
     expected = setup + (mean_rollout - 1) * fixed.per_step() + attack_steps * per_step
@@ -116,8 +112,8 @@ def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queu
     from sage_dist.attack.outside_in import outside_in_attack
     from sage_dist.attack.prompt import build_attack_prompt, max_token_norms
     from sage_dist.config import AttackConfig, StudyConfig
-    from sage_dist.models.text import TextConditioner
     from sage_dist.models.sampler import DiffusionSampler
+    from sage_dist.models.text import TextConditioner
     from sage_dist.train.step import Eraser
 
     pipe = _build(model)
@@ -132,7 +128,7 @@ def _phase(name: str, model: str, attack_steps: int, outside_in_steps: int, queu
         if name == "inside_out":
             cfg = AttackConfig(attack_steps=attack_steps)
             # warm-up (first-call allocations): in training the attack runs every step, so the warm cost is the one
-            # that counts; cold, the SD-shape attack measured 6.1 s (session 4)
+            # that counts
             inside_out_attack(tc, prompt, concept.features, AttackConfig(attack_steps=1), max_norms=norms)
             t0 = time.perf_counter()
             inside_out_attack(tc, prompt, concept.features, cfg, max_norms=norms)
@@ -200,7 +196,7 @@ def main() -> None:
               f"rollout), {r_meas:.1f}x with the one-step rollout actually run   [paper: 62.1x]")
     if "inside_out" in results and "outside_in_one_rollout" in results:
         r = results["outside_in_one_rollout"]["expected_seconds"] / results["inside_out"]["seconds"]
-        print(f"outside-in with one rollout / inside-out attack cost: {r:.1f}x expected   [issue 8 target: >= 150x; "
+        print(f"outside-in with one rollout / inside-out attack cost: {r:.1f}x expected   [target: >= 150x; "
               "paper: 62.1x]")
     if "sage_iteration" in results and "esd_iteration" in results:
         r = results["sage_iteration"]["expected_seconds"] / results["esd_iteration"]["expected_seconds"]

@@ -1,4 +1,4 @@
-"""How close the exact SAGE step is to this machine's limits (issue 8): the UNet rows against peak fp32 GEMM
+"""How close the exact SAGE step is to this machine's limits : the UNet rows against peak fp32 GEMM
 throughput, the inside-out attack against memory bandwidth, each measured in the same run.
 
     python benchmarks/cpu_floor.py                      # SD-1.4 shape (random weights), ~3 min on 2 cores
@@ -58,9 +58,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from attack_cost import _build
     from torch.utils.flop_counter import FlopCounterMode
 
-    from attack_cost import _build
     from sage_dist.attack.inside_out import inside_out_attack
     from sage_dist.attack.prompt import build_attack_prompt, max_token_norms
     from sage_dist.config import AttackConfig

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 item 3, prepared for a lent GPU (one run of a few minutes): the iteration benchmark on the SD-1.4
+# Prepared for a lent GPU (one run of a few minutes): the iteration benchmark on the SD-1.4
 # shape with frozen parts in bf16, SDPA attention, peak GPU memory per worker and iterations per second.
 #   PYTHON=/path/to/python OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Untested on a GPU so far (no device was lent in sessions 2-4); the same code path runs on CPU with --device cpu.

@@ -1,6 +1,6 @@
 """Cost of one training iteration: SAGE (warm-up phase; cyclic phase, reference sampling and fast path),
 the reference ESD iteration (rollout recomputed every step, as ESD and AdvUnlearn do) and an AdvUnlearn
-iteration, on the SD-1.4 shape (random weights) and on the bundled world, in one run. Issue 8 item 1.
+iteration, on the SD-1.4 shape (random weights) and on the bundled world, in one run.
 
     python benchmarks/iteration_cost.py                          # world + SD-1.4 shape (~15 min, 2 cores)
     python benchmarks/iteration_cost.py --models world           # seconds
@@ -35,7 +35,7 @@ PHASES = ("esd_reference", "advunlearn", "sage_warmup", "sage_cyclic_reference",
 EXTRA_PHASES = ("sage_cyclic_fast_onepass", "sage_cyclic_fast_m2", "sage_cyclic_fast_m1")
 """Not run by default: the fast path with every student row in one UNet pass (``model.student_chunk_size`` large),
 to compare time and peak memory with the default chunking (exact either way); the fast path with L_image on m = 2
-or 1 of the Top-4 rows per step (``retain.image_loss_rows``, an unbiased but noisier approximation)."""
+or 1 of the Top-4 rows per step (``retain.retain_loss_rows``, an unbiased but noisier approximation)."""
 
 
 def _time_parts(eraser) -> dict[str, float]:
@@ -102,7 +102,7 @@ def _phase(name: str, model: str, attack_steps: int, profile: bool, queue, devic
     if name == "sage_cyclic_fast_onepass":
         flat["model.student_chunk_size"] = 1000
     if name in ("sage_cyclic_fast_m2", "sage_cyclic_fast_m1"):
-        flat["retain.image_loss_rows"] = int(name[-1])
+        flat["retain.retain_loss_rows"] = int(name[-1])
     if method == "advunlearn":
         flat.update({"retain.retain_batch_size": 5, "retain.retain_loss_weight": 0.3, "attack.reinit": "latest"})
     cfg = StudyConfig().replace_flat(flat)

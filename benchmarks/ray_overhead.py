@@ -49,8 +49,16 @@ def main() -> None:
 
     import torch
 
-    from sage_dist.config import (AttackConfig, EraseConfig, ModelConfig, OptimConfig, RetainConfig, ScalingConfig,
-                                  StudyConfig, TrackingConfig)
+    from sage_dist.config import (
+        AttackConfig,
+        EraseConfig,
+        ModelConfig,
+        OptimConfig,
+        RetainConfig,
+        ScalingConfig,
+        StudyConfig,
+        TrackingConfig,
+    )
     from sage_dist.tracking import MlflowTracker, ensure_experiment, resolve_tracking
     from sage_dist.train.ray_worker import WorkerRun, train_fn_per_worker, worker_config
     from sage_dist.tune.study import StudyOptions, connect_ray, execute

@@ -8,7 +8,7 @@ Where to look: the loss in ``sage_dist/losses/``, the attack in ``sage_dist/atta
 import os as _os
 
 # OpenMP's default spin-waiting made small CPU steps 10-30x slower whenever another process shared the
-# cores (PLATFORM_NOTES.md; measured here: a tiny-SD step 10 s -> 0.4 s). Must be set before torch loads.
+# cores . Must be set before torch loads.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Typed, self-validating configuration for sage_dist.
 
-One frozen dataclass per concern, composed into :class:`StudyConfig` (STYLE.md "Config"). Every field
-has a default; the default is the SAGE spec's default (``../shared/SAGE_SPEC.md`` §1.8) wherever the spec
+One frozen dataclass per concern, composed into :class:`StudyConfig` . Every field
+has a default; the default is the SAGE spec's default (docs/METHOD.md §1.8) wherever the spec
 gives one, and every detail the spec marks unknown is a field whose default is the spec's stated default
 and whose alternative reading is another allowed value.
 
@@ -39,9 +39,9 @@ class ModelConfig:
     """Which text encoders are trained: (0,) the first (the only one in SD 1.x/2.x); SDXL also (1,) or (0, 1)."""
     trainable: Literal["full", "attn", "mlp"] = "full"
     """Parameters trained inside the chosen encoder blocks (AdvUnlearn's text_encoder_full is "full";
-    spec §1.2). Token and position embeddings are always frozen."""
+    docs/METHOD.md "Models and trained weights"). Token and position embeddings are always frozen."""
     trainable_layers: tuple[int, ...] = ()
-    """Encoder block indices to train; empty means all blocks (spec §1.2). The final LayerNorm is trained
+    """Encoder block indices to train; empty means all blocks (docs/METHOD.md "Models and trained weights"). The final LayerNorm is trained
     whenever "full" is chosen."""
     frozen_dtype: Dtype = "auto"
     """dtype of the frozen parts (UNet, VAE, original encoder): "auto" is bfloat16 on CUDA and float32 on the
@@ -77,23 +77,23 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class EraseConfig:
     method: Method = "sage"
-    """"sage" (spec §1), "esd" (erase loss on the word only, text encoder; no attack, no retention),
+    """"sage" (docs/METHOD.md "What SAGE is"), "esd" (erase loss on the word only, text encoder; no attack, no retention),
     "advunlearn" (outside-in prefix-token attack through the UNet, noise retention on all retain prompts), or
     "esd-x" (ESD's cross-attention variant: the same erase loss, but the UNet's cross-attention (attn2)
-    weights are trained and the text encoder stays frozen; the frozen-UNet study's baseline, spec §5.4)."""
+    weights are trained and the text encoder stays frozen; the frozen-UNet study's baseline, reports/open_questions.md)."""
     erase_concept: tuple[str, ...] = ("triangle",)
     """Concept(s) to remove, e.g. ("nudity",) or ("Van Gogh", "Kilian Eng"). Several concepts are erased
-    jointly, each with its own attack state (spec §5.3)."""
+    jointly, each with its own attack state (docs/METHOD.md "Several concepts")."""
     negative_guidance: float = 1.0
-    """η in target = e_∅ − η (e_c − e_∅) (spec §1.4; ESD 2023 and AdvUnlearn use 1.0, ESD 2025 uses 2.0)."""
+    """η in target = e_∅ − η (e_c − e_∅) (docs/METHOD.md "Self-erasure"; ESD 2023 and AdvUnlearn use 1.0, ESD 2025 uses 2.0)."""
     start_guidance: float = 3.0
-    """Classifier-free guidance scale of the frozen DDIM rollout that produces z_t (spec §1.4)."""
+    """Classifier-free guidance scale of the frozen DDIM rollout that produces z_t (docs/METHOD.md "Self-erasure")."""
     ddim_steps: int = 50
-    """Steps of the DDIM schedule the rollout index i is drawn from (spec §1.4)."""
+    """Steps of the DDIM schedule the rollout index i is drawn from (docs/METHOD.md "Self-erasure")."""
     warmup_steps: int = 200
-    """Iterations that erase the plain concept word before the first attack (spec §1.5)."""
+    """Iterations that erase the plain concept word before the first attack (docs/METHOD.md "Warm-up")."""
     steps_per_cycle: int = 1
-    """Training steps per attack (cycle length, spec §1.6; AdvUnlearn's adv_prompt_update_step)."""
+    """Training steps per attack (cycle length, docs/METHOD.md "Self-check"; AdvUnlearn's adv_prompt_update_step)."""
     multi_concept: Literal["round_robin", "sum"] = "round_robin"
     """With several concepts: erase one per step in turn (ESD/AdvUnlearn style), or all of them every step."""
     log_interference: bool = False
@@ -101,7 +101,7 @@ class EraseConfig:
     erase-loss gradients on the trainable parameters ("interference_cos", one extra backward per concept)."""
     rollout_cache: bool = False
     """Draw z_t from a bank of ``rollout_bank_size`` full frozen-model DDIM trajectories per prompt instead
-    of a fresh rollout every step (issue 8). An approximation: z_t then comes from a finite set of start
+    of a fresh rollout every step . An approximation: z_t then comes from a finite set of start
     noises. False recomputes the rollout every step exactly as ESD and AdvUnlearn do."""
     rollout_bank_size: int = 4
     """Start noises (trajectories) kept per prompt when ``rollout_cache``; each is run only as deep as asked."""
@@ -124,15 +124,13 @@ class EraseConfig:
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig:
     attack_steps: int = 30
-    """J: optimiser steps of one attack (spec §1.6)."""
+    """J: optimiser steps of one attack (docs/METHOD.md "Self-check")."""
     attack_lr: float = 1e-3
-    """Learning rate of the attack optimiser (AdvUnlearn argparse default, spec §1.6)."""
-    attack_optimizer: Literal["adam", "sign"] = "adam"
-    """"adam", or signed-gradient steps (AdvUnlearn's fast_at variant)."""
+    """Learning rate of the attack optimiser (AdvUnlearn argparse default, docs/METHOD.md "Self-check")."""
     init: Literal["library", "random", "concept_only"] = "library"
     """Inside-out initialisation of the template tokens: a template from ``template_library`` (default),
     ``num_random_tokens`` random vocabulary tokens, or the concept word alone (its own tokens repeated as a
-    learnable prefix) (spec §5.2, template-bias study)."""
+    learnable prefix) (reports/open_questions.md, template-bias study)."""
     template_library: str = "default"
     """"default" (the project's 125 neutral templates) or a text file of templates with one '{}' each."""
     reinit: Literal["resample", "latest"] = "resample"
@@ -140,19 +138,15 @@ class AttackConfig:
     num_random_tokens: int = 4
     """Template length for init="random"."""
     objective: Literal["h2_original", "h2_concept"] = "h2_original"
-    """H2 = cos(g_n(x), g_o(x)) (default) or cos(g_n(x), g_o(c)) (the alternative reading, spec §1.6)."""
+    """H2 = cos(g_n(x), g_o(x)) (default) or cos(g_n(x), g_o(c)) (the alternative reading, docs/METHOD.md "Self-check")."""
     h1_weight: float = 1.0
     """λ1, weight of H1 = cos(g_o(x), g_o(c)) (stay in the concept domain)."""
-    boundary_weight: float = 0.0
-    """λ2 of the optional boundary term +λ2 cos(g_o(x), g_o(c)) that pushes away from the word centre."""
     features: Literal["pooled", "pooled+sequence"] = "pooled+sequence"
     """Text features in H1/H2: pooled only, or pooled plus mean per-token cosine over the sequence."""
     norm_clip: bool = True
     """Clip each optimised token vector's L2 norm to the largest norm in the vocabulary table (§1.6)."""
     num_adv_tokens: int = 1
     """AdvUnlearn baseline: number of adversarial prefix tokens (prefix_k)."""
-    outside_in_radius: float = 0.0
-    """Outside-in baseline: per-token L2 ball radius δ around the initial token; 0 disables projection."""
 
     def __post_init__(self) -> None:
         _require(self.attack_steps >= 1, f"attack.attack_steps={self.attack_steps}: must be >= 1.")
@@ -160,8 +154,6 @@ class AttackConfig:
         _require(1 <= self.num_random_tokens <= 20, f"attack.num_random_tokens={self.num_random_tokens}: allowed 1..20.")
         _require(1 <= self.num_adv_tokens <= 20, f"attack.num_adv_tokens={self.num_adv_tokens}: allowed 1..20.")
         _require(self.h1_weight >= 0, f"attack.h1_weight={self.h1_weight}: must be >= 0.")
-        _require(self.boundary_weight >= 0, f"attack.boundary_weight={self.boundary_weight}: must be >= 0.")
-        _require(self.outside_in_radius >= 0, f"attack.outside_in_radius={self.outside_in_radius}: must be >= 0.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,27 +162,27 @@ class RetainConfig:
     """Retain prompt set: "auto" (the model's default: the world's own retain captions for the bundled
     world, AdvUnlearn's COCO-object set otherwise), "coco_object", "imagenet243", or a CSV/TXT path."""
     retain_batch_size: int = 32
-    """b_retain, retain prompts per step for the semantic graph (spec §1.7; AdvUnlearn uses 5)."""
+    """b_retain, retain prompts per step for the semantic graph (docs/METHOD.md "The total loss"; AdvUnlearn uses 5)."""
     top_k: int = 4
-    """k retain prompts that get the local predicted-noise loss (spec §1.7)."""
-    image_loss_rows: int = 0
-    """Approximation, off by default (0: L_image over all k selected prompts, spec §1.7). m in 1..top_k: each
+    """k retain prompts that get the local predicted-noise loss (docs/METHOD.md "The total loss")."""
+    retain_loss_rows: int = 0
+    """Approximation, off by default (0: L_image over all k selected prompts, docs/METHOD.md "The total loss"). m in 1..top_k: each
     step computes L_image over m of the k, drawn uniformly without replacement. The mean over the m rows is an
     unbiased estimate of the mean over the k; each dropped row saves one student UNet forward + backward (and,
     without a warm trajectory bank, its rollout and frozen-target rows). SAGE only (ESD and AdvUnlearn ignore
     it). With W Ray Train workers it applies per worker: each keeps ceil(m / W) of its ceil(k / W) rows.
-    Issue 8: the effect on RER and retention is measured in the README (it costs retention on some seeds)."""
+    Its measured effect on RER and retention is in reports/benchmarks.md (it costs retention on some seeds)."""
     top_k_selection: Literal["most_drifted", "least_concept_similar", "random", "all"] = "most_drifted"
     """Which k: lowest cos(g_n(r), g_o(r)) (default), least similar to the concept (alternative reading),
     random, or all b_retain (AdvUnlearn-style)."""
     graph_loss: Literal["mse", "kl"] = "mse"
-    """L_graph: mean squared difference of the cosine graphs (default) or row-wise softmax KL (spec §1.7)."""
+    """L_graph: mean squared difference of the cosine graphs (default) or row-wise softmax KL (docs/METHOD.md "The total loss")."""
     graph_temperature: float = 0.1
     """τ of the KL variant."""
     graph_weight: float = 1.0
-    """γ_g, weight of the global semantic-graph loss (spec §1.7: unknown, start at 1.0)."""
+    """γ_g, weight of the global semantic-graph loss (docs/METHOD.md "The total loss": unknown, start at 1.0)."""
     retain_loss_weight: float = 0.4
-    """γ_t, weight of the local Top-k noise loss (spec §1.7: 0.4 nudity, 3.0 style [B])."""
+    """γ_t, weight of the local Top-k noise loss (docs/METHOD.md "The total loss": 0.4 nudity, 3.0 style [B])."""
     pooling: Literal["eot", "mean"] = "eot"
     """Pooled sentence feature g(·): final-LayerNorm state at EOT, L2-normalised, or mean over tokens (§1.3)."""
 
@@ -201,8 +193,8 @@ class RetainConfig:
         _require(self.top_k <= self.retain_batch_size,
                  f"retain.top_k={self.top_k} is larger than retain.retain_batch_size={self.retain_batch_size}: "
                  "lower top_k or raise retain_batch_size.")
-        _require(0 <= self.image_loss_rows <= self.top_k,
-                 f"retain.image_loss_rows={self.image_loss_rows}: use 0 (all top_k rows, exact) or 1..top_k "
+        _require(0 <= self.retain_loss_rows <= self.top_k,
+                 f"retain.retain_loss_rows={self.retain_loss_rows}: use 0 (all top_k rows, exact) or 1..top_k "
                  f"({self.top_k}).")
         _require(self.graph_temperature > 0, f"retain.graph_temperature={self.graph_temperature}: must be > 0.")
         _require(self.graph_weight >= 0, f"retain.graph_weight={self.graph_weight}: must be >= 0.")
@@ -212,19 +204,16 @@ class RetainConfig:
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     lr: float = 1e-5
-    """Adam learning rate of the trainable text encoder (AdvUnlearn/ESD default, spec §1.8)."""
+    """Adam learning rate of the trainable text encoder (AdvUnlearn/ESD default, docs/METHOD.md "Hyper-parameters")."""
     num_steps: int = 1000
-    """Total training iterations, warm-up included (spec §1.8)."""
+    """Total training iterations, warm-up included (docs/METHOD.md "Hyper-parameters")."""
     seed: int = 0
     """Seed of every random draw of the run (rollout noise, timesteps, templates, retain batches)."""
-    grad_clip: float = 0.0
-    """Max gradient norm; 0 disables clipping."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr}: the learning rate must be > 0 (e.g. 1e-5).")
         _require(self.num_steps >= 1, f"optim.num_steps={self.num_steps}: must be >= 1.")
         _require(self.seed >= 0, f"optim.seed={self.seed}: must be >= 0.")
-        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip}: must be >= 0.")
 
 
 @dataclass(frozen=True, kw_only=True)

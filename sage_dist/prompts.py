@@ -21,7 +21,8 @@ Shipped sets (``sage_dist/data/prompts``, see ATTRIBUTION.md there) are loaded b
     >>> ps.records[0].seed, ps.report.num_loaded
     >>> load_prompts("my_prompts.txt")            # one prompt per line; seeds 0, 1, 2, ... by row
 
-Spec: SAGE_SPEC.md sections 2 (retain prompts) and 3 (evaluation prompt sets).
+Sources and licences of the shipped sets: ``sage_dist/data/prompts/ATTRIBUTION.md``; their use: docs/METHOD.md
+"Retain prompts" and "Evaluation".
 """
 
 from __future__ import annotations
@@ -411,7 +412,7 @@ def _log_report(report: LoadReport) -> None:
 
 
 def load_retain_prompts(name_or_path: str | Path) -> list[str]:
-    """Retain prompts for training (spec section 2): ``"coco_object"`` | ``"imagenet243"`` | a CSV/TXT path.
+    """Retain prompts for training (docs/METHOD.md "Retain prompts"): ``"coco_object"`` | ``"imagenet243"`` | a CSV/TXT path.
 
     Returns the prompts in file order, duplicates included (AdvUnlearn's coco_object set has 6).
 

@@ -1,4 +1,4 @@
-"""Dual text encoders: can text-encoder-only erasure work with SDXL's two encoders? (spec §5.1)
+"""Dual text encoders: can text-encoder-only erasure work with SDXL's two encoders? (docs/METHOD.md "SDXL")
 
 Question: on the SDXL-style world twin, erase with SAGE through encoder 1 only, encoder 2 only, or both jointly;
 and the transfer test: the encoder erased on the SD world model (which shares encoder 1 with its SDXL twin)

@@ -1,4 +1,4 @@
-"""Frozen UNet: what does keeping the UNet frozen cost? SAGE against ESD-x on styles (spec §5.4)
+"""Frozen UNet: what does keeping the UNet frozen cost? SAGE against ESD-x on styles (reports/open_questions.md)
 
 Question: SAGE edits only the text encoder; ESD-x edits the UNet's cross-attention with the same erase loss and
 a frozen text encoder. On the world's textures (its "artistic styles"), how do erasure, retention and FID

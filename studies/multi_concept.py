@@ -1,4 +1,4 @@
-"""Multi-concept erasure: does retention hold when several concepts are erased at once? (spec §5.3)
+"""Multi-concept erasure: does retention hold when several concepts are erased at once? (docs/METHOD.md "Several concepts")
 
 Question: erasing 1, 2, 4 and 8 concepts with SAGE, jointly (round-robin, each concept gets the one-concept
 budget: 20 steps on the world) or one after another (each stage starts from the previous stage's model), how

@@ -1,4 +1,4 @@
-"""Open questions (spec §5): the four studies run concurrently on one Ray cluster, then one report.
+"""Open questions (reports/open_questions.md): the four studies run concurrently on one Ray cluster, then one report.
 
 Launches studies/multi_concept.py, dual_encoder.py, template_bias.py and frozen_unet.py as four Ray Tune
 experiments at once (each ``Tuner.fit()`` in its own Ray task, trials at --cpus-per-trial CPUs each, several at
@@ -28,4 +28,4 @@ STUDIES = [multi_concept.study, dual_encoder.study, template_bias.study, frozen_
 
 if __name__ == "__main__":
     main(STUDIES, description=__doc__, default_report="reports/open_questions.md",
-         title="Open questions of SAGE (spec §5), answered on the bundled world")
+         title="Open questions of SAGE, answered on the bundled world")

@@ -1,4 +1,4 @@
-"""Template-library bias: does the template library limit what the inside-out attack finds? (spec §5.2)
+"""Template-library bias: does the template library limit what the inside-out attack finds? (reports/open_questions.md)
 
 Question: SAGE's self-check attack starts from a template of its library. Compared with random-token
 initialisation, the concept word alone, and a library mined from a different source (COCO captions with the

@@ -1,7 +1,7 @@
 """Which retention weight γt, attack length J, top-k and warm-up give SAGE the best erasure/retention trade-off?
 
 Hypothesis: erasure (RER over the concept's domain) and retention (accuracy/FID on unrelated prompts) trade
-off mainly through γt (spec §1.7: 0.4 for nudity, 3.0 for style); J and top-k matter less than their cost.
+off mainly through γt (docs/METHOD.md "The total loss": 0.4 for nudity, 3.0 for style); J and top-k matter less than their cost.
 Each trial erases the concept under Ray Train; Optuna searches multi-objective (RER_domain up, FID down) and
 the answer is the Pareto front, printed as a table and logged to MLflow with Optuna's plots.
 

@@ -1,4 +1,4 @@
-"""A template library mined from COCO captions, for the template-bias study (spec §5.2).
+"""A template library mined from COCO captions, for the template-bias study (reports/open_questions.md).
 
 The project's default library (``sage_dist/attack/data/templates.txt``) was written by hand, like the paper's
 GPT-written one. This module mines a library from a *different source*: COCO captions, each with its subject

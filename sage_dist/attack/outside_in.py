@@ -1,18 +1,18 @@
-"""AdvUnlearn's outside-in attack through the UNet (spec §1.6 "Outside-in baseline", paper Eq. 4 style).
+"""AdvUnlearn's outside-in attack through the UNet (docs/METHOD.md, "Baselines"; the SAGE paper's Eq. 4 style).
 
-min over T of ‖ε(z, t, τ_n(x_T)) − ε_o(z, t, τ_o(c))‖², with z, t re-drawn (a fresh partial DDIM rollout)
-at every attack step, T = k prefix token embeddings before the concept word. Each step costs a rollout
-plus a UNet forward and backward: this is the cost SAGE's text-space attack avoids.
+min over T of ‖ε(z, t, τ_n(x_T)) − ε_o(z, t, τ_o(c))‖², with z, t re-drawn (a fresh partial DDIM rollout) at every
+attack step, T = k prefix token embeddings before the concept word. Each step costs a rollout plus a UNet forward
+and backward: this is the cost SAGE's text-space attack avoids.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from sage_dist.attack.inside_out import AttackResult
-from sage_dist.attack.prompt import AttackPrompt, attack_update, clip_token_norms
+from sage_dist.attack.prompt import AttackPrompt, optimise_tokens
 from sage_dist.config import AttackConfig
+from sage_dist.losses.attack import outside_in_loss
 from sage_dist.models.sampler import DiffusionSampler
 from sage_dist.models.text import Conditioning, TextConditioner
 
@@ -30,28 +30,15 @@ def outside_in_attack(conditioner: TextConditioner, sampler: DiffusionSampler, p
     Returns:
         :class:`AttackResult` (h1/h2 are NaN: this attack has no text-space terms).
     """
-    work = prompt.detached()
-    init = [t.clone() for t in work.tokens]
-    leaves = [work.tokens[e].requires_grad_(True) for e in conditioner.train_encoders]
-    optimizer = torch.optim.Adam(leaves, lr=cfg.attack_lr) if cfg.attack_optimizer == "adam" else None
-    losses: list[float] = []
-    for _ in range(cfg.attack_steps):
+    def objective(work: AttackPrompt):
         draw = sampler.draw(generator)
         z = sampler.rollout(concept_cond, uncond, draw.ddim_index, guidance=start_guidance,
                             noise=sampler.initial_noise(1, generator))
         with torch.no_grad():
             eps_target = sampler.eps(z, draw.timestep, concept_cond)
         cond_adv = conditioner.condition(work.assemble(conditioner), trained=True, through_wrapper=False)
-        eps_adv = sampler.eps(z, draw.timestep, cond_adv)
-        loss: Tensor = torch.mean((eps_adv - eps_target) ** 2)
-        grads = torch.autograd.grad(loss, leaves)
-        losses.append(loss.item())
-        with torch.no_grad():
-            attack_update(leaves, grads, optimizer, attack_lr=cfg.attack_lr)
-            for e, leaf in zip(conditioner.train_encoders, leaves):
-                if cfg.outside_in_radius > 0:
-                    delta = clip_token_norms(leaf - init[e], cfg.outside_in_radius)
-                    leaf.copy_(init[e] + delta)
-                if cfg.norm_clip:
-                    leaf.copy_(clip_token_norms(leaf, max_norms[e]))
+        return outside_in_loss(sampler.eps(z, draw.timestep, cond_adv), eps_target)
+
+    work, losses = optimise_tokens(conditioner, prompt, objective, attack_steps=cfg.attack_steps,
+                                   attack_lr=cfg.attack_lr, max_norms=max_norms if cfg.norm_clip else None)
     return AttackResult(work.detached(), losses, float("nan"), float("nan"))

@@ -1,4 +1,5 @@
-"""Attack prompts: a token-embedding sequence with learnable positions (spec §1.6).
+"""Attack prompts: a token-embedding sequence with learnable positions, and the optimisation loop every attack
+shares (docs/METHOD.md, "Self-check").
 
 Inside-out (SAGE): ``[SOT] template-prefix e(c) template-suffix [EOT] pad``; the template tokens are
 learnable, the concept tokens ``e(c)`` fixed. Outside-in (AdvUnlearn): ``[SOT] T_1..T_k e(c) [EOT] pad``
@@ -8,6 +9,7 @@ with k prefix tokens initialised from random vocabulary words.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -103,7 +105,7 @@ def build_attack_prompt(conditioner: TextConditioner, concept: str, *, template:
 
 
 def max_token_norms(conditioner: TextConditioner) -> list[float]:
-    """Largest L2 norm of a row of each encoder's token-embedding table (the on-manifold clip, spec §1.6)."""
+    """Largest L2 norm of a row of each encoder's token-embedding table (the on-manifold clip, docs/METHOD.md "Self-check")."""
     return [float(conditioner.token_embedding(e).weight.float().norm(dim=-1).max())
             for e in range(len(conditioner.original))]
 
@@ -114,15 +116,29 @@ def clip_token_norms(tokens: Tensor, max_norm: float) -> Tensor:
     return tokens * torch.clamp(max_norm / norms, max=1.0)
 
 
-def attack_update(leaves: list[Tensor], grads: tuple[Tensor, ...], optimizer: torch.optim.Optimizer | None, *,
-                  attack_lr: float) -> None:
-    """One attack step on the token leaves (in place, under ``no_grad``): the optimiser's step with ``grads``,
-    or a signed-gradient step of ``attack_lr`` when ``optimizer`` is None (AdvUnlearn's fast_at)."""
-    if optimizer is not None:
-        for leaf, g in zip(leaves, grads):
-            leaf.grad = g
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        for leaf, g in zip(leaves, grads):
-            leaf -= attack_lr * g.sign()
+def optimise_tokens(conditioner: TextConditioner, prompt: AttackPrompt, objective: Callable[[AttackPrompt], Tensor], *,
+                    attack_steps: int, attack_lr: float, max_norms: list[float] | None) -> tuple[AttackPrompt, list[float]]:
+    """The loop every attack shares: ``attack_steps`` Adam steps (lr ``attack_lr``) on the learnable tokens of a
+    copy of ``prompt``, minimising ``objective(prompt) -> scalar``, each step followed by the token-norm clip to
+    ``max_norms[e]`` (None: no clip). Only the tokens get gradient (``torch.autograd.grad`` on them alone).
+
+    Returns:
+        the optimised copy (its tokens still leaf tensors) and the loss before each step (``attack_steps`` values).
+    """
+    work = prompt.detached()
+    leaves = [work.tokens[e].requires_grad_(True) for e in conditioner.train_encoders]
+    optimizer = torch.optim.Adam(leaves, lr=attack_lr)
+    losses: list[float] = []
+    for _ in range(attack_steps):
+        loss = objective(work)
+        grads = torch.autograd.grad(loss, leaves)
+        losses.append(loss.item())
+        with torch.no_grad():
+            for leaf, g in zip(leaves, grads):
+                leaf.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if max_norms is not None:
+                for e, leaf in zip(conditioner.train_encoders, leaves):
+                    leaf.copy_(clip_token_norms(leaf, max_norms[e]))
+    return work, losses

@@ -1,9 +1,9 @@
-"""The inside-out attack's template library (spec §1.6 [I]: the paper's GPT-written library is unreleased).
+"""The inside-out attack's template library (docs/METHOD.md "Self-check" [I]: the paper's GPT-written library is unreleased).
 
 ``default``: 125 neutral scene / medium / composition templates written for this project
 (``attack/data/templates.txt``), each with one ``{}`` slot and no word of a target domain.
 A path to a text file (one template a line, ``#`` comments) gives another library, e.g. one mined from a
-different source for the template-bias study (spec §5.2).
+different source for the template-bias study (reports/open_questions.md).
 """
 
 from __future__ import annotations

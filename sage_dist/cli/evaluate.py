@@ -15,7 +15,7 @@ from sage_dist.eval.world_protocol import run_world_protocol
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``evaluate`` to the ``sage-dist`` command line."""
-    p = subparsers.add_parser("evaluate", help="evaluation protocol: RER, ASR, FID, CLIP score (spec section 3)",
+    p = subparsers.add_parser("evaluate", help="evaluation protocol: RER, ASR, FID, CLIP score (docs/METHOD.md, Evaluation)",
                               description=protocol.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="world", help="world (default) | tiny-sd | Hub id | local diffusers folder")
     p.add_argument("--text-encoder", required=True, help="erased encoder folder / state dict, or 'original'")

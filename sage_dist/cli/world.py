@@ -41,7 +41,7 @@ def _add_train(sub) -> None:
     p.add_argument("--focus-t-range", type=int, nargs=2, default=(600, 1000))
     p.add_argument("--noise-schedule", default="cosine_zero_snr_v", choices=("cosine", "cosine_zero_snr_v"),
                    help="cosine_zero_snr_v (the shipped weights): zero terminal SNR, v-prediction, trailing DDIM "
-                   "spacing; cosine: eps prediction, DDIM from t=951 (the session-1 weights; textures follow the noise)")
+                   "spacing; cosine: eps prediction, DDIM from t=951 (the first weights; textures follow the noise)")
     p.add_argument("--high-noise-weight-cap", type=float, default=0.0, help="weight eps loss by clamp(1/snr, 1, cap)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")

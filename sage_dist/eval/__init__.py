@@ -1,4 +1,4 @@
-"""Evaluation protocol (spec section 3): prompt sets, judges, metrics, attacks, ``sage-dist evaluate``.
+"""Evaluation protocol (docs/METHOD.md "Evaluation"): prompt sets, judges, metrics, attacks, ``sage-dist evaluate``.
 
 Modules: ``prompts`` (loader + shipped sets), ``detectors`` (NudeNet, classifier protocol), ``metrics``
 (RER, ASR, FID, CLIP score; pure), ``attacks`` (UnlearnDiffAtk prefix attack, external-attack hook),

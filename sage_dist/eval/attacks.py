@@ -1,4 +1,4 @@
-"""Attacks used to measure robustness (ASR) of an erased model (spec section 3.1).
+"""Attacks used to measure robustness (ASR) of an erased model (docs/METHOD.md "Evaluation").
 
 (a) :func:`prefix_token_attack`: UnlearnDiffAtk's ``text_grad`` attack (Diffusion-MU-Attack,
 ``prefix_k``), re-implemented for a text-encoder-erased model. k adversarial tokens are inserted after the

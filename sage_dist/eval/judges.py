@@ -2,7 +2,7 @@
 
 :func:`build_judge` turns a protocol's settings into a :class:`Judge` (image -> concept present?).
 
-NudeNet (spec section 3.1 and 3.2). ``nudenet==3.4.2`` ships its ``320n.onnx`` detector in the wheel, so
+NudeNet (docs/METHOD.md "Evaluation"). ``nudenet==3.4.2`` ships its ``320n.onnx`` detector in the wheel, so
 it works offline (~20-60 ms per image on 2 CPU cores). Two protocols:
 
 * ``"unlearndiffatk"`` (default; UnlearnDiffAtk / AdvUnlearn ``nudity_eval.py``): an image is nude when

@@ -4,7 +4,7 @@ Two evaluators:
 
 * **Text-space proxy** (every model; the only one for "tiny-sd"/"tiny-sdxl", whose random weights make no
   images worth detecting). Computed from the trained encoder g_n and the frozen original g_o on the pooled
-  features g(·) (EOT state after the final LayerNorm, L2-normalised; spec §1.3):
+  features g(·) (EOT state after the final LayerNorm, L2-normalised; docs/METHOD.md "Notation"):
 
   - ``text_erasure`` = mean over concept-domain prompts x of 1 − cos(g_n(x), g_o(x)): how far the erased
     encoder moved the concept's prompts (0: untouched; up to 2). Domain prompts are the concept (and, on the

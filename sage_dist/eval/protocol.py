@@ -1,4 +1,4 @@
-"""``sage-dist evaluate``: the literature's evaluation protocol in one command (spec section 3).
+"""``sage-dist evaluate``: the literature's evaluation protocol in one command (docs/METHOD.md "Evaluation").
 
     # GPU, SD v1.4, nudity: RER on the 931 I2P "sexual" prompts, ASR on UnlearnDiffAtk's 142 prompts
     # with the prefix-token attack, Ring-A-Bell-style fixed prompts; metrics.json + grids + MLflow

@@ -1,4 +1,4 @@
-"""Erasure metrics on the bundled world, with the names and meaning of spec section 3 (issue 3 item 5).
+"""Erasure metrics on the bundled world, with the names and meaning of docs/METHOD.md "Evaluation".
 
 The erased model and the original model generate from the same prompts with the same seeds; the detector
 reads every image.

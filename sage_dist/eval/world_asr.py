@@ -1,4 +1,4 @@
-"""ASR on the bundled world (issue 3 item 5): pre-ASR + post-ASR on the concept's held-out paraphrases.
+"""ASR on the bundled world: pre-ASR + post-ASR on the concept's held-out paraphrases.
 
 Red-team set: the concept's held-out paraphrases in several contexts (erasure never saw them). Pre-ASR: the
 erased model's image of the prompt shows the concept (by the world's detector). Post-ASR: for prompts that

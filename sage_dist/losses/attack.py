@@ -1,4 +1,5 @@
-"""Text-feature-space objectives of SAGE's inside-out self-check attack (spec §1.6, H1/H2 [I]).
+"""The attacks' objectives: SAGE's inside-out H1/H2 in text-feature space and AdvUnlearn's outside-in loss
+(docs/METHOD.md, "Self-check").
 
 All features are L2-normalised pooled features ``[B, D]`` or final-LN sequences ``[B, L, D]``.
 """
@@ -37,14 +38,13 @@ def h2_not_erased(g_trained_x_BD: Tensor, g_reference_BD: Tensor, *, seq_trained
     return h2
 
 
-def attack_loss(h1_B: Tensor, h2_B: Tensor, *, h1_weight: float = 1.0, boundary_B: Tensor | None = None,
-                boundary_weight: float = 0.0) -> Tensor:
-    """L_atk = mean_B(−H2 − λ1·H1 + λ2·boundary), minimised over the template embeddings (spec §1.6).
+def attack_loss(h1_B: Tensor, h2_B: Tensor, *, h1_weight: float = 1.0) -> Tensor:
+    """SAGE's inside-out attack loss L_atk = mean_B(−H2 − λ1·H1), minimised over the template embeddings.
+    ``[B]`` x2 -> scalar."""
+    return (-h2_B - h1_weight * h1_B).mean()
 
-    ``boundary_B`` is cos(g_o(x_T), g_o(c_word)), the optional push away from the literal word centre.
-    Returns a scalar.
-    """
-    loss = -h2_B - h1_weight * h1_B
-    if boundary_B is not None and boundary_weight > 0:
-        loss = loss + boundary_weight * boundary_B
-    return loss.mean()
+
+def outside_in_loss(eps_adversarial_BCHW: Tensor, eps_target_BCHW: Tensor) -> Tensor:
+    """AdvUnlearn's outside-in attack loss ‖ε(z, t, τ_n(x_T)) − ε_o(z, t, τ_o(c))‖² (mean over elements), minimised
+    over the prefix tokens T. ``[B, C, H, W]`` x2 -> scalar."""
+    return torch.mean((eps_adversarial_BCHW - eps_target_BCHW) ** 2)

@@ -1,4 +1,4 @@
-"""ESD-style negative-guidance erase loss and the predicted-noise retention loss (spec §1.4, §1.7b)."""
+"""ESD-style negative-guidance erase loss (docs/METHOD.md, "Self-erasure"; ESD and AdvUnlearn)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def esd_target(eps_uncond_BCHW: Tensor, eps_concept_BCHW: Tensor, *, negative_guidance: float) -> Tensor:
-    """Negative-guidance target e_∅ − η (e_c − e_∅) (spec §1.4; ESD, AdvUnlearn).
+    """Negative-guidance target e_∅ − η (e_c − e_∅) (docs/METHOD.md; ESD, AdvUnlearn).
 
     Args:
         eps_uncond_BCHW: frozen model's prediction for the empty prompt, ``[B, C, H, W]``.
@@ -21,7 +21,7 @@ def esd_target(eps_uncond_BCHW: Tensor, eps_concept_BCHW: Tensor, *, negative_gu
 
 def erase_loss(eps_student_BCHW: Tensor, eps_uncond_BCHW: Tensor, eps_concept_BCHW: Tensor, *,
                negative_guidance: float) -> Tensor:
-    """L_erase = mean over all elements of (ε(z, t, τ_n(x)) − target)² (spec §1.4, reduction "mean").
+    """L_erase = mean over all elements of (ε(z, t, τ_n(x)) − target)² (reduction "mean").
 
     All inputs ``[B, C, H, W]`` float; returns a scalar. The gradient is zero when the student equals the target.
     """
@@ -29,9 +29,7 @@ def erase_loss(eps_student_BCHW: Tensor, eps_uncond_BCHW: Tensor, eps_concept_BC
     return torch.mean((eps_student_BCHW - target) ** 2)
 
 
-def noise_retain_loss(eps_student_BCHW: Tensor, eps_original_BCHW: Tensor) -> Tensor:
-    """L_image = mean over selected prompts and elements of (ε(z_i, t, τ_n(r_i)) − ε_o(z_i, t, τ_o(r_i)))²
-    (spec §1.7b; AdvUnlearn's retain regulariser). ``[B, C, H, W]`` each; scalar; 0 for B == 0."""
-    if eps_student_BCHW.shape[0] == 0:
-        return eps_student_BCHW.sum() * 0.0
-    return torch.mean((eps_student_BCHW - eps_original_BCHW) ** 2)
+def row_mse(eps_student_BCHW: Tensor, eps_target_BCHW: Tensor) -> Tensor:
+    """Mean squared error of each row: ``[B, C, H, W]`` x2 -> ``[B]``. A row's share of :func:`erase_loss` or
+    :func:`~sage_dist.losses.retain.retain_loss` when the student pass runs in chunks of rows."""
+    return ((eps_student_BCHW - eps_target_BCHW) ** 2).flatten(1).mean(1)

@@ -1,4 +1,5 @@
-"""Global semantic-graph retention and Top-k selection (spec §1.7a-b)."""
+"""Global-local retention: the semantic-graph loss, the Top-k selection and the local ``retain_loss``
+(docs/METHOD.md, "Global-local retention")."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def cosine_graph(features_ND: Tensor) -> Tensor:
 
 def graph_loss(features_trained_ND: Tensor, features_original_ND: Tensor, *, kind: Literal["mse", "kl"] = "mse",
                temperature: float = 0.1) -> Tensor:
-    """L_graph between the trained and the original encoder's graphs over N retain prompts (spec §1.7a).
+    """L_graph between the trained and the original encoder's graphs over N retain prompts .
 
     "mse" (default): (1/N²) Σ_ij (S^n_ij − S^o_ij)². "kl": mean over rows i of
     KL(softmax(S^o_i / τ) ‖ softmax(S^n_i / τ)). ``features_original_ND`` is treated as a constant.
@@ -43,7 +44,7 @@ def graph_loss(features_trained_ND: Tensor, features_original_ND: Tensor, *, kin
 
 
 def select_top_k(scores_N: Tensor, k: int, *, tie_tolerance: float = 1e-6) -> Tensor:
-    """Indices of the ``k`` lowest scores (spec §1.7b: the retain prompts whose s_i = cos(g_n, g_o) is lowest,
+    """Indices of the ``k`` lowest scores (the retain prompts whose s_i = cos(g_n, g_o) is lowest,
     i.e. the most disturbed). ``[N]`` -> ``[min(k, N)]`` int64, ascending score.
 
     Scores are compared on a grid of ``tie_tolerance``: scores that round to the same multiple count as tied and
@@ -54,3 +55,12 @@ def select_top_k(scores_N: Tensor, k: int, *, tie_tolerance: float = 1e-6) -> Te
     k = min(k, scores_N.shape[0])
     order = torch.sort(torch.round(scores_N.detach().double() / tie_tolerance), stable=True).indices
     return order[:k]
+
+
+def retain_loss(eps_student_BCHW: Tensor, eps_original_BCHW: Tensor) -> Tensor:
+    """The local retention loss (the paper's L_image): mean over the selected retain prompts and all elements of
+    (ε(z_i, t, τ_n(r_i)) − ε_o(z_i, t, τ_o(r_i)))² (AdvUnlearn's retain regulariser). ``[B, C, H, W]`` each;
+    returns a scalar, 0 for B == 0."""
+    if eps_student_BCHW.shape[0] == 0:
+        return eps_student_BCHW.sum() * 0.0
+    return torch.mean((eps_student_BCHW - eps_original_BCHW) ** 2)

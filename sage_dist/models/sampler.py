@@ -1,4 +1,4 @@
-"""Frozen-model noise predictions and the partial DDIM rollout that produces z_t (spec §1.4).
+"""Frozen-model noise predictions and the partial DDIM rollout that produces z_t (docs/METHOD.md "Self-erasure").
 
 Each step draws a DDIM index i ~ U{0..S−1} of an S-step DDIM schedule (η_DDIM = 0), runs the frozen model's
 DDIM sampler from Gaussian noise with classifier-free guidance ``start_guidance`` until the latent has
@@ -116,7 +116,7 @@ class BankSample:
 
 
 class TrajectoryBank:
-    """Frozen-model DDIM trajectories, ``bank_size`` per prompt key, extended on demand (issue 8).
+    """Frozen-model DDIM trajectories, ``bank_size`` per prompt key, extended on demand .
 
     Level i of an entry is the latent at the noise level of DDIM index i (what
     :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``) for a start noise drawn from ``seed``

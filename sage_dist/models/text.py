@@ -1,6 +1,6 @@
-"""Text conditioning from token embeddings: frozen original encoders τ_o, trainable copies τ_n (spec §1.2-1.3).
+"""Text conditioning from token embeddings: frozen original encoders τ_o, trainable copies τ_n (docs/METHOD.md "Models and trained weights").
 
-SAGE's attack optimises token *embeddings* (spec §1.6, §7 step 2), so every encoder call here starts from a
+SAGE's attack optimises token *embeddings* (docs/METHOD.md "Self-check"), so every encoder call here starts from a
 token-embedding sequence ``[B, L, D]`` rather than ids. The encoder stack is run layer by layer with a
 causal mask, so the output equals ``CLIPTextModel(input_ids)`` for the same embeddings (tested).
 
@@ -29,7 +29,7 @@ def core_text_model(encoder: nn.Module) -> nn.Module:
 
 def select_trainable_parameters(encoder: nn.Module, *, trainable: str = "full",
                                 layers: tuple[int, ...] = ()) -> list[nn.Parameter]:
-    """Set ``requires_grad`` on the trainable subset of a CLIP text encoder (spec §1.2) and return it.
+    """Set ``requires_grad`` on the trainable subset of a CLIP text encoder (docs/METHOD.md "Models and trained weights") and return it.
 
     "full": every parameter of the chosen encoder blocks and the final LayerNorm (AdvUnlearn's
     text_encoder_full); "attn": self-attention only; "mlp": MLP only. Token and position embeddings and
@@ -86,7 +86,7 @@ def run_encoder(encoder: nn.Module, inputs_embeds: Tensor, *, output_penultimate
 
 
 def pooled_feature(final: Tensor, eot_index: Tensor, *, pooling: Literal["eot", "mean"] = "eot") -> Tensor:
-    """g(·) of spec §1.3: the final-LN state at EOT (default) or the mean over positions 1..EOT, L2-normalised.
+    """g(·) of docs/METHOD.md "Notation": the final-LN state at EOT (default) or the mean over positions 1..EOT, L2-normalised.
 
     Args:
         final: ``[B, L, D]`` final-LayerNorm states.

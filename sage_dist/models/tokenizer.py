@@ -3,7 +3,7 @@
 Stable Diffusion's tokenizer is OpenAI CLIP's byte-level BPE (49,408 ids). The Hub is out of reach here,
 but the same vocabulary ships inside the ``open-clip-torch`` wheel as ``bpe_simple_vocab_16e6.txt.gz``
 (MIT). :func:`build_clip_tokenizer` converts it once into the ``vocab.json`` + ``merges.txt`` pair that
-transformers' ``CLIPTokenizer`` reads (PLATFORM_NOTES.md "Offline assets"), caching the files.
+transformers' ``CLIPTokenizer`` reads , caching the files.
 
 "a photo of a cat" -> [49406, 320, 1125, 539, 320, 2368, 49407], the ids SD v1.4 uses.
 """

@@ -1,1 +1,1 @@
-"""Retain prompt sets and their per-step sampling (spec §1.7, §2)."""
+"""Retain prompt sets and their per-step sampling (docs/METHOD.md "The total loss", §2)."""

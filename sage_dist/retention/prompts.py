@@ -1,4 +1,4 @@
-"""Which retain prompts a run uses (spec §2: AdvUnlearn's COCO-object set by default on real models)."""
+"""Which retain prompts a run uses (docs/METHOD.md "Retain prompts": AdvUnlearn's COCO-object set by default on real models)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retain-batch sampling without replacement (spec §1.8 pitfalls: AdvUnlearn resets the pool when fewer
+"""Retain-batch sampling without replacement (docs/METHOD.md "Hyper-parameters" pitfalls: AdvUnlearn resets the pool when fewer
 unseen prompts remain than one batch)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Experiment tracking: :class:`MlflowTracker` (MLflow, rank 0 only) and the do-nothing :class:`NullTracker`.
 
-Only this package imports ``mlflow`` (STYLE.md), and only when a run is created, so importing it is cheap.
+Only this package imports ``mlflow`` , and only when a run is created, so importing it is cheap.
 """
 
 from sage_dist.tracking.mlflow_tracker import (

@@ -1,4 +1,4 @@
-"""MLflow tracking for erasure runs and studies (the only module that imports ``mlflow``, STYLE.md).
+"""MLflow tracking for erasure runs and studies (the only module that imports ``mlflow``).
 
 One parent run per study, one nested child run per trial (tag ``mlflow.parentRunId``). Everything goes
 through :class:`mlflow.MlflowClient` with explicit run ids (no global active run), so a Ray Train worker,
@@ -181,7 +181,7 @@ def _param_value(value: Any) -> str:
 
 
 class NullTracker:
-    """Do-nothing stand-in with :class:`MlflowTracker`'s interface (STYLE.md: no ``if tracking:`` branches)."""
+    """Do-nothing stand-in with :class:`MlflowTracker`'s interface (so callers need no ``if tracking:`` branches)."""
 
     run_id = ""
 

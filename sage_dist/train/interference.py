@@ -1,4 +1,4 @@
-"""Interference between concepts erased together: cosine between per-concept erase gradients (spec §5.3).
+"""Interference between concepts erased together: cosine between per-concept erase gradients (docs/METHOD.md "Several concepts").
 
 For concepts c_1..c_n and the current trainable encoder(s) θ, g_i = ∇_θ L_erase(c_i) is the gradient of the
 erase loss of concept i's own word, averaged over a few fixed (i, t, noise) draws (the same draws at every
@@ -14,31 +14,15 @@ checkpointed encoder weights are loaded. Cost: ``num_draws`` rollouts and UNet p
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from sage_dist.config import StudyConfig
-from sage_dist.losses import erase_loss
+from sage_dist.losses import erase_loss, interference
 from sage_dist.models.text import Conditioning
 from sage_dist.train.step import Eraser
-
-
-def mean_pairwise_cosine(grads: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``{"interference_cos": mean over pairs, "interference_cos_min": min, "<a>|<b>": cos}`` of flat gradients
-    [P] per concept; NaN mean for a single concept.
-
-    >>> mean_pairwise_cosine({"a": torch.tensor([1., 0.]), "b": torch.tensor([0., 1.])})["interference_cos"]
-    0.0
-    """
-    pairs = {f"{a}|{b}": float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))
-             for a, b in itertools.combinations(sorted(grads), 2)}
-    if not pairs:
-        return {"interference_cos": float("nan"), "interference_cos_min": float("nan")}
-    values = list(pairs.values())
-    return {"interference_cos": sum(values) / len(values), "interference_cos_min": min(values), **pairs}
 
 
 class InterferenceProbe:
@@ -86,5 +70,5 @@ class InterferenceProbe:
         return out
 
     def measure(self) -> dict[str, float]:
-        """:func:`mean_pairwise_cosine` of :meth:`gradients`."""
-        return mean_pairwise_cosine(self.gradients())
+        """:func:`sage_dist.losses.interference` of :meth:`gradients`."""
+        return interference(self.gradients())

@@ -1,4 +1,4 @@
-"""The single-process erasure loop: validate, load, train, checkpoint, save (spec §1.5-1.6, §7).
+"""The single-process erasure loop: validate, load, train, checkpoint, save (docs/METHOD.md "Warm-up", §7).
 
 Tiny CPU run (seconds)::
 

@@ -1,22 +1,19 @@
-"""One optimisation step of SAGE, ESD or AdvUnlearn on the text encoder (spec §1.4-1.7).
+"""One optimisation step of SAGE or a baseline (docs/METHOD.md "One step"). Read ``Eraser.train_step`` first:
 
-This is the file to read for "what happens in a step". ``Eraser.train_step`` does, in order:
+1. ``erase_prompts``: the prompt x erased for each concept: the concept word during warm-up; after it, every
+   ``erase.steps_per_cycle`` steps a new attack (SAGE: inside-out in text space; AdvUnlearn: outside-in through
+   the UNet) whose result is x;
+2. ``retain_batch``: the retain prompts of this step and which of them get ``retain_loss`` (SAGE: the Top-k most
+   drifted, from a no-grad pass of τ_n truncated after EOT);
+3. ``encode``: one pass of the trainable encoder τ_n with gradient (one DDP sync) over [x; selected retain prompts]
+   at 77 positions (UNet conditioning) and over the retain batch up to its last EOT (the global semantic-graph
+   loss reads only pooled features: exact, CLIP is causal);
+4. ``frozen_targets``: one partial DDIM rollout of the frozen model for [concept; selected retain prompts], sharing
+   i and t, and the frozen predictions e_∅, e_c, ε_o(r);
+5. ``student_backward``: the student's predictions and L = L_erase + γ_g·L_graph + γ_t·retain_loss, backward;
+6. one Adam step.
 
-1. the erase prompt x: the concept word during warm-up; after it, every ``steps_per_cycle`` steps a new
-   attack (SAGE: inside-out in text space; AdvUnlearn: outside-in through the UNet) whose result is x;
-2. the retain batch: the Top-k selection (most drifted) from a no-grad pass of τ_n truncated after EOT;
-3. one pass of the trainable encoder τ_n with gradient (a single forward, so DDP syncs once) over
-   [x; selected retain prompts] at 77 positions (UNet conditioning) and over the retain batch up to its
-   last EOT (SAGE's global semantic-graph loss reads only pooled features g(·), the EOT state or the mean over
-   positions 1..EOT: exact, CLIP is causal);
-4. one partial DDIM rollout of the frozen model for [concept; selected retain prompts], sharing i and t;
-5. frozen targets (e_∅, e_c, ε_o(r)) and the student's predictions, in two batched UNet calls (the student's
-   in chunks of ``model.student_chunk_size`` rows on SD/SDXL-size UNets, each with its own UNet backward, then
-   one encoder backward: the same gradients with a fraction of the activation memory);
-6. L = L_erase + γ_g·L_graph + γ_t·L_image, one Adam step.
-
-Method differences: "esd" uses only L_erase on the word; "advunlearn" uses the outside-in attack and noise
-retention on every retain prompt (no graph); "sage" uses everything.
+What each method uses (attack, retain batch, graph loss, Top-k) is :data:`sage_dist.train.methods.METHODS`.
 """
 
 from __future__ import annotations
@@ -38,13 +35,16 @@ from sage_dist.losses import (
     erase_loss,
     esd_target,
     graph_loss,
-    noise_retain_loss,
+    interference,
+    retain_loss,
+    row_mse,
     select_top_k,
 )
 from sage_dist.models.load import DTYPES
-from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
+from sage_dist.models.sampler import DiffusionSampler, RolloutDraw, TrajectoryBank
 from sage_dist.models.text import MAX_LENGTH, Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
+from sage_dist.train.methods import method_spec
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,49 @@ class ConceptState:
     attack_log: list[dict] = field(default_factory=list)
 
 
-def subsample_top_k(selected: Tensor, m: int, generator: torch.Generator) -> Tensor:
-    """m of the k selected retain rows ``[k]`` int64, uniformly without replacement (``retain.image_loss_rows``).
+@dataclass
+class RetainBatch:
+    """The retain prompts of one step on this rank (stage 2)."""
 
-    Each row is kept with probability m / k, so the mean of L_image over the kept rows is an unbiased
-    estimate of its mean over all k (spec §1.7's L_image); returns ``selected`` unchanged (no draw) when m >= k.
+    prompts: list[str]
+    """This rank's shard of the step's retain batch."""
+    embeds: PromptBatch | None
+    """Their token embeddings (None without a retain batch)."""
+    original: Conditioning | None
+    """Their τ_o conditioning and features (cached per prompt; None without a retain batch)."""
+    selected: Tensor
+    """``[k]`` int64 rows of the shard that get ``retain_loss``."""
+    graph_length: int | None
+    """Positions the graph rows are encoded to (their last EOT + 1); None: no graph loss this step."""
+
+    @staticmethod
+    def empty() -> "RetainBatch":
+        return RetainBatch(prompts=[], embeds=None, original=None, selected=torch.arange(0), graph_length=None)
+
+
+@dataclass
+class FrozenTargets:
+    """The frozen model's side of a step (stage 4): latents z, timesteps t and the targets at (z, t)."""
+
+    draw: RolloutDraw
+    """The step's DDIM index i and timestep t."""
+    latents: Tensor
+    """z ``[n_erase + k, C, H, W]``: erase rows first, then the selected retain rows."""
+    timesteps: int | Tensor
+    """t: one int for every row, or ``[rows]`` int64 (trajectory bank)."""
+    eps_uncond: Tensor
+    """e_∅ ``[n_erase, C, H, W]``."""
+    eps_concept: Tensor
+    """e_c ``[n_erase, C, H, W]``."""
+    eps_retain: Tensor
+    """ε_o(z_r, t, τ_o(r)) ``[k, C, H, W]``."""
+
+
+def subsample_top_k(selected: Tensor, m: int, generator: torch.Generator) -> Tensor:
+    """m of the k selected retain rows ``[k]`` int64, uniformly without replacement (``retain.retain_loss_rows``).
+
+    Each row is kept with probability m / k, so the mean of ``retain_loss`` over the kept rows is an unbiased
+    estimate of its mean over all k; returns ``selected`` unchanged (no draw) when m >= k.
     """
     if m >= len(selected):
         return selected
@@ -89,9 +127,11 @@ class Eraser:
     def __init__(self, cfg: StudyConfig, pipe, retain_prompts: list[str], *, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
         self.method = cfg.erase.method
+        self.spec = method_spec(self.method)
         self.rank, self.world_size = rank, world_size
         train_dtype = DTYPES[cfg.model.train_dtype]
-        self.conditioner = TextConditioner(pipe, train_encoders=() if self.method == "esd-x" else cfg.model.train_encoders,
+        trains_text = self.spec.trains == "text_encoder"
+        self.conditioner = TextConditioner(pipe, train_encoders=cfg.model.train_encoders if trains_text else (),
                                            trainable=cfg.model.trainable, trainable_layers=cfg.model.trainable_layers,
                                            pooling=cfg.retain.pooling, train_dtype=train_dtype)
         size = self.conditioner.resolution // pipe.vae_scale_factor
@@ -105,7 +145,7 @@ class Eraser:
         self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)
         self.shared_generator = torch.Generator().manual_seed(cfg.optim.seed)
         self.retain_sampler = None
-        if self.method not in ("esd", "esd-x"):
+        if self.spec.retain:
             self.retain_sampler = RetainSampler(retain_prompts, cfg.retain.retain_batch_size, self.shared_generator)
         self.templates = load_templates(cfg.attack.template_library)
         self.max_norms = max_token_norms(self.conditioner)
@@ -121,7 +161,7 @@ class Eraser:
         """Predicts the student's noise: the frozen UNet (text-encoder methods) or a trainable copy (ESD-x)."""
         self.trainable_module: torch.nn.Module = self.conditioner.trainable
         self.trainable_parameters = self.conditioner.trainable_parameters
-        if self.method == "esd-x":
+        if self.spec.trains == "unet_cross_attention":
             unet = copy.deepcopy(pipe.unet).to(train_dtype)
             unet.requires_grad_(False)
             self.trainable_parameters = []
@@ -168,7 +208,7 @@ class Eraser:
 
     def _initial_attack_prompt(self, concept: str) -> AttackPrompt:
         a = self.cfg.attack
-        if self.method == "advunlearn":
+        if self.spec.attack == "outside_in":  # AdvUnlearn: k random prefix tokens before the concept
             return build_attack_prompt(self.conditioner, concept, prefix_ids=self._random_ids(a.num_adv_tokens))
         if a.init == "library":
             j = int(torch.randint(0, len(self.templates), (1,), generator=self.generator))
@@ -185,27 +225,98 @@ class Eraser:
             start = state.attack
         else:
             start = self._initial_attack_prompt(concept)
-        if self.method == "advunlearn":
+        if self.spec.attack == "outside_in":
             result = outside_in_attack(self.conditioner, self.sampler, start, state.cond, self._uncond1, self.cfg.attack,
                                        start_guidance=self.cfg.erase.start_guidance, generator=self.generator,
                                        max_norms=self.max_norms)
         else:
-            features = state.cond.features
-            result = inside_out_attack(self.conditioner, start, features, self.cfg.attack, max_norms=self.max_norms,
-                                       word_features=features if self.cfg.attack.boundary_weight > 0 else None)
+            result = inside_out_attack(self.conditioner, start, state.cond.features, self.cfg.attack,
+                                       max_norms=self.max_norms)
         state.attack = result.prompt
         state.attack_log.append({"template": result.prompt.template, "loss_first": result.losses[0],
                                  "loss_last": result.losses[-1], "H1": result.h1, "H2": result.h2})
         return result
 
     # ---- the step ---------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimisation step; returns the step's scalars (losses, attack statistics). Stages in the order of
+        the module docstring.
+
+        Raises:
+            FloatingPointError: a loss became NaN or infinite (the caller records the run as failed).
+        """
+        concepts = self._concepts_at(step)
+        out: dict[str, float] = {}
+        erase_prompts = self.erase_prompts(step, concepts, out)                 # 1. word or self-check
+        retain = self.retain_batch(concepts, out)                               # 2. retain batch, Top-k
+        student_cond, l_graph = self.encode(erase_prompts, retain)              # 3. the one τ_n forward
+        frozen = self.frozen_targets(concepts, retain)                          # 4. rollout, frozen targets
+        self.optimizer.zero_grad(set_to_none=True)
+        l_erase, l_retain, total = self.student_backward(step, student_cond, frozen, l_graph, out)  # 5.
+        self.optimizer.step()                                                   # 6.
+        out.update(loss=total.item(), erase_loss=l_erase.item(), graph_loss=l_graph.item(),
+                   retain_loss=l_retain.item(), ddim_index=float(frozen.draw.ddim_index),
+                   timestep=float(frozen.draw.timestep))
+        return out
+
+    def _concepts_at(self, step: int) -> list[str]:
+        """The concepts erased at ``step``: all of them ("sum") or one in turn ("round_robin")."""
+        names = list(self.concepts)
+        return names if self.cfg.erase.multi_concept == "sum" else [names[step % len(names)]]
+
+    def erase_prompts(self, step: int, concepts: list[str], out: dict[str, float]) -> PromptBatch:
+        """Stage 1: the prompt x erased for each concept, the concept word during warm-up; after it, every
+        ``erase.steps_per_cycle`` steps a new attack (the self-check), whose prompt is x until the next."""
+        cfg = self.cfg
+        attacking = self.spec.attack != "none" and step >= cfg.erase.warmup_steps
+        rows = []
+        for c in concepts:
+            state = self.concepts[c]
+            if attacking and ((step - cfg.erase.warmup_steps) % cfg.erase.steps_per_cycle == 0 or state.attack is None):
+                result = self.attack(c)
+                out.update(attack_loss_first=result.losses[0], attack_loss_last=result.losses[-1])
+                if not math.isnan(result.h1):
+                    out.update(attack_H1=result.h1, attack_H2=result.h2)
+            rows.append(state.attack.assemble(self.conditioner).detach() if attacking else state.word)
+        return PromptBatch.cat(rows)
+
+    def retain_batch(self, concepts: list[str], out: dict[str, float]) -> RetainBatch:
+        """Stage 2: this rank's shard of the retain batch (every rank draws the same batch), and which of its
+        prompts get ``retain_loss``: the Top-k (``retain.top_k_selection``) from a no-grad pass of τ_n (SAGE), or
+        all (AdvUnlearn). That pass and the graph loss read only pooled features (EOT state, or the mean over
+        1..EOT), which a causal CLIP encoder computes from the positions up to EOT: they are encoded only that far
+        (exact)."""
+        if self.retain_sampler is None:
+            return RetainBatch.empty()
+        cfg = self.cfg
+        shard = self.retain_sampler.next_batch()[self.rank :: self.world_size]
+        if not shard:  # more workers than retain prompts: this rank has none this step
+            return RetainBatch.empty()
+        embeds = self.conditioner.embed(shard)
+        length = self._graph_length(embeds)
+        original = self.retain_original(shard)
+        trained_e = self.conditioner.train_encoders
+        with torch.no_grad():
+            feats_n = self.conditioner.condition(embeds, trained=True, length=length, through_wrapper=False).features
+            drift = torch.stack([(feats_n[e] * original.features[e]).sum(-1) for e in trained_e]).mean(0)
+            concept_feat = self.concepts[concepts[0]].cond.features
+            concept_sim = torch.stack([(original.features[e] * concept_feat[e]).sum(-1) for e in trained_e]).mean(0)
+        selected = self._select(drift, concept_sim, max(1, math.ceil(cfg.retain.top_k / self.world_size)))
+        if cfg.retain.retain_loss_rows and self.spec.retain_loss_rows:  # approximation, opt-in
+            m_local = max(1, math.ceil(cfg.retain.retain_loss_rows / self.world_size))
+            selected = subsample_top_k(selected, m_local, self.generator)
+        out["retain_drift_mean"] = float(drift.mean())
+        with_graph = self.spec.graph_loss and cfg.retain.graph_weight > 0 and len(shard) >= 2
+        return RetainBatch(prompts=shard, embeds=embeds, original=original, selected=selected,
+                           graph_length=length if with_graph else None)
+
     @staticmethod
     def _graph_length(batch: PromptBatch) -> int:
         """Positions the graph-only rows need: up to the last EOT of the batch (CLIP is causal)."""
         return int(batch.eot_index.max()) + 1
 
     def _select(self, scores: Tensor, concept_sim: Tensor, k: int) -> Tensor:
-        mode = self.cfg.retain.top_k_selection if self.method == "sage" else "all"
+        mode = self.cfg.retain.top_k_selection if self.spec.top_k else "all"
         n = scores.shape[0]
         if mode == "all" or k >= n:
             return torch.arange(n)
@@ -215,46 +326,102 @@ class Eraser:
             return select_top_k(concept_sim, k)
         return torch.randperm(n, generator=self.generator)[:k]
 
-    def _interference(self, eps_student: Tensor, eps_uncond: Tensor, eps_concept: Tensor) -> float:
-        """Mean pairwise cosine of the per-concept erase-loss gradients (spec §5.3 interference measure)."""
-        eta = self.cfg.erase.negative_guidance
-        flat = []
-        for j in range(eps_student.shape[0]):
-            loss_j = erase_loss(eps_student[j : j + 1], eps_uncond[j : j + 1], eps_concept[j : j + 1],
-                                negative_guidance=eta)
-            grads = torch.autograd.grad(loss_j, self.trainable_parameters, retain_graph=True, allow_unused=True)
-            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                   for g, p in zip(grads, self.trainable_parameters)]))
-        unit = torch.nn.functional.normalize(torch.stack(flat), dim=-1)
-        cos = unit @ unit.T
-        n = cos.shape[0]
-        return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
-
-    def _losses(self, eps_student: Tensor, n_erase: int, eps_uncond: Tensor, eps_concept: Tensor,
-                eps_retain_original: Tensor, graph_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(L_erase, L_image, L) of spec §1.7 from the student's predictions ``[n_erase + k, C, H, W]`` (k: the selected
-        retain rows, m of them with ``retain.image_loss_rows``)."""
+    def encode(self, erase_prompts: PromptBatch, retain: RetainBatch) -> tuple[Conditioning, Tensor]:
+        """Stage 3: the one forward of τ_n with gradient (one DDP sync) over two groups: [erase prompts; selected
+        retain prompts] at 77 positions (the student's UNet conditioning) and the retain batch up to its last EOT
+        (the graph); returns the student conditioning and L_graph (0 without the graph)."""
         cfg = self.cfg
-        l_erase = erase_loss(eps_student[:n_erase], eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance)
+        unet_batch = erase_prompts
+        if len(retain.selected):
+            unet_batch = PromptBatch.cat([erase_prompts, retain.embeds.select(retain.selected)])
+        groups = [(unet_batch, MAX_LENGTH)]
+        if retain.graph_length is not None:
+            groups.append((retain.embeds, retain.graph_length))
+        conds = self.conditioner.condition_groups(groups, trained=True)
+        l_graph = torch.zeros((), device=self.sampler.device)
+        if retain.graph_length is not None:
+            l_graph = torch.stack([graph_loss(conds[1].features[e], retain.original.features[e],
+                                              kind=cfg.retain.graph_loss, temperature=cfg.retain.graph_temperature)
+                                   for e in self.conditioner.train_encoders]).mean()
+        return conds[0], l_graph
+
+    def frozen_targets(self, concepts: list[str], retain: RetainBatch) -> FrozenTargets:
+        """Stage 4: one partial DDIM rollout of the frozen model for [concepts; selected retain prompts] with a
+        shared i and t, and the frozen predictions e_∅, e_c (erase rows) and ε_o(r) (retain rows); with
+        ``erase.rollout_cache`` the trajectory bank's entries, their cached t and frozen predictions instead."""
+        cfg = self.cfg
+        n_erase = len(concepts)
+        draw = self.sampler.draw(self.generator)
+        concept_cond = Conditioning.cat([self.concepts[c].cond for c in concepts])
+        parts = [concept_cond] + ([retain.original.select(retain.selected)] if len(retain.selected) else [])
+        roll_cond = Conditioning.cat(parts)
+        rows = n_erase + len(retain.selected)
+        if self.bank is not None:
+            keys = [f"concept:{c}" for c in concepts] + [f"retain:{retain.prompts[int(j)]}" for j in retain.selected]
+            sample = self.bank.sample(keys, roll_cond, self.uncond(1), draw.ddim_index, self.generator)
+            return FrozenTargets(draw=draw, latents=sample.latents, timesteps=sample.timesteps,
+                                 eps_uncond=sample.eps_uncond[:n_erase], eps_concept=sample.eps_cond[:n_erase],
+                                 eps_retain=sample.eps_cond[n_erase:])
+        z = self.sampler.rollout(roll_cond, self.uncond(rows), draw.ddim_index, guidance=cfg.erase.start_guidance,
+                                 noise=self.sampler.initial_noise(rows, self.generator))
+        with torch.no_grad():
+            target_cond = Conditioning.cat([self.uncond(n_erase), roll_cond])
+            eps_frozen = self.sampler.eps(torch.cat([z[:n_erase], z]), draw.timestep, target_cond)
+        return FrozenTargets(draw=draw, latents=z, timesteps=draw.timestep, eps_uncond=eps_frozen[:n_erase],
+                             eps_concept=eps_frozen[n_erase : 2 * n_erase], eps_retain=eps_frozen[2 * n_erase :])
+
+    def student_backward(self, step: int, student_cond: Conditioning, frozen: FrozenTargets, l_graph: Tensor,
+                         out: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage 5: the student's predictions (gradient into τ_n, or into ESD-x's UNet copy), the total loss
+        L = L_erase + γ_g·L_graph + γ_t·retain_loss and its backward; returns (L_erase, retain_loss, L). On SD/SDXL-size
+        UNets the student runs in chunks of ``model.student_chunk_size`` rows, each with its own UNet backward,
+        then one encoder backward (the same gradients with a fraction of the activation memory)."""
+        n_erase = len(frozen.eps_uncond)
+        graph_term = (self.cfg.retain.graph_weight if self.spec.graph_loss else 0.0) * l_graph
+        interference = self.cfg.erase.log_interference and n_erase > 1
+        if self.student_chunk_size and len(student_cond.encoder_hidden_states) > self.student_chunk_size:
+            if interference:  # needs the erase rows' graph into the encoder: one extra forward of those rows
+                t = frozen.timesteps
+                t_erase = t if not torch.is_tensor(t) or t.ndim == 0 else t[:n_erase]
+                eps_erase = self.student.eps(frozen.latents[:n_erase], t_erase, student_cond.select(torch.arange(n_erase)))
+                out["interference_cos"] = self._interference(eps_erase, frozen)
+            eps_student = self._chunked_student_backward(student_cond, frozen, graph_term)
+            with torch.no_grad():
+                l_erase, l_retain, total = self._losses(eps_student, frozen, graph_term)
+            self._check_finite(step, total, l_erase, l_graph, l_retain)
+            return l_erase, l_retain, total
+        eps_student = self.student.eps(frozen.latents, frozen.timesteps, student_cond)
+        l_erase, l_retain, total = self._losses(eps_student, frozen, graph_term)
+        self._check_finite(step, total, l_erase, l_graph, l_retain)
+        if interference:
+            out["interference_cos"] = self._interference(eps_student[:n_erase], frozen)
+        total.backward()
+        return l_erase, l_retain, total
+
+    def _losses(self, eps_student: Tensor, frozen: FrozenTargets, graph_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(L_erase, retain_loss, L) from the student's predictions ``[n_erase + k, C, H, W]``."""
+        n_erase = len(frozen.eps_uncond)
+        l_erase = erase_loss(eps_student[:n_erase], frozen.eps_uncond, frozen.eps_concept,
+                             negative_guidance=self.cfg.erase.negative_guidance)
         zero = torch.zeros((), device=eps_student.device)
-        l_image = noise_retain_loss(eps_student[n_erase:], eps_retain_original) if len(eps_student) > n_erase else zero
-        return l_erase, l_image, l_erase + graph_term + cfg.retain.retain_loss_weight * l_image
+        l_retain = retain_loss(eps_student[n_erase:], frozen.eps_retain) if len(eps_student) > n_erase else zero
+        return l_erase, l_retain, l_erase + graph_term + self.cfg.retain.retain_loss_weight * l_retain
 
     @staticmethod
-    def _check_finite(step: int, total: Tensor, l_erase: Tensor, l_graph: Tensor, l_image: Tensor) -> None:
+    def _check_finite(step: int, total: Tensor, l_erase: Tensor, l_graph: Tensor, l_retain: Tensor) -> None:
         if not torch.isfinite(total):
             raise FloatingPointError(f"step {step}: loss is {float(total)} (erase {float(l_erase)}, graph "
-                                     f"{float(l_graph)}, image {float(l_image)}); lower optim.lr")
+                                     f"{float(l_graph)}, retain {float(l_retain)}); lower optim.lr")
 
-    def _chunked_student_backward(self, z: Tensor, timestep, student_cond: Conditioning, n_erase: int,
-                                  eps_uncond: Tensor, eps_concept: Tensor, eps_retain_original: Tensor,
+    def _chunked_student_backward(self, student_cond: Conditioning, frozen: FrozenTargets,
                                   graph_term: Tensor) -> Tensor:
         """The student pass in chunks of ``student_chunk_size`` rows, each with its own UNet backward into a detached
-        copy of the conditioning; then one backward of the text encoder (and of ``graph_term``). L_erase and L_image
-        are means over rows, so each chunk's share is its rows' mean weighted by rows / all rows: the gradients
-        equal the one-pass gradients up to float summation order. Returns the detached predictions
-        ``[rows, C, H, W]``. Raises FloatingPointError for a non-finite chunk loss (before any optimizer step)."""
+        copy of the conditioning; then one backward of the text encoder (and of ``graph_term``). L_erase and
+        retain_loss are means over rows, so each chunk's share is its rows' mean weighted by rows / all rows: the
+        gradients equal the one-pass gradients up to float summation order. Returns the detached predictions
+        ``[rows, C, H, W]``. Raises FloatingPointError for a non-finite chunk loss (before any optimiser step)."""
         cfg = self.cfg
+        n_erase = len(frozen.eps_uncond)
         rows = len(student_cond.encoder_hidden_states)
         k = rows - n_erase
         hidden = student_cond.encoder_hidden_states
@@ -262,14 +429,15 @@ class Eraser:
         hidden_leaf = hidden.detach().requires_grad_(hidden.requires_grad)
         added_leaf = None if added is None else {key: v.detach().requires_grad_(v.requires_grad) for key, v in added.items()}
         leaf = Conditioning(hidden_leaf, added_leaf, student_cond.features, student_cond.final)
-        targets = torch.cat([esd_target(eps_uncond, eps_concept, negative_guidance=cfg.erase.negative_guidance), eps_retain_original])
-        timesteps = torch.as_tensor(timestep, device=z.device)
+        targets = torch.cat([esd_target(frozen.eps_uncond, frozen.eps_concept,
+                                        negative_guidance=cfg.erase.negative_guidance), frozen.eps_retain])
+        timesteps = torch.as_tensor(frozen.timesteps, device=frozen.latents.device)
         outputs = []
         for start in range(0, rows, self.student_chunk_size):
             sl = torch.arange(start, min(rows, start + self.student_chunk_size))
             t = timesteps if timesteps.ndim == 0 else timesteps[sl]
-            eps = self.student.eps(z[sl], t, leaf.select(sl))
-            sq = ((eps - targets[sl]) ** 2).flatten(1).mean(1)  # per-row mean squared error
+            eps = self.student.eps(frozen.latents[sl], t, leaf.select(sl))
+            sq = row_mse(eps, targets[sl])
             is_erase = sl < n_erase
             loss = sq[is_erase].sum() / n_erase
             if k:
@@ -295,125 +463,17 @@ class Eraser:
             torch.autograd.backward(tensors, grads)
         return torch.cat(outputs)
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimisation step; returns the step's scalars (losses, attack stats). See module docstring.
-
-        Raises:
-            FloatingPointError: a loss became NaN or infinite (the caller records the run as failed).
-        """
-        cfg = self.cfg
-        names = list(self.concepts)
-        now = names if cfg.erase.multi_concept == "sum" else [names[step % len(names)]]
-        attacking = self.method in ("sage", "advunlearn") and step >= cfg.erase.warmup_steps
-        out: dict[str, float] = {}
-
-        # 1. erase prompts (the word, or the latest attack prompt after a self-check)
-        erase_rows = []
-        for c in now:
-            state = self.concepts[c]
-            if attacking and ((step - cfg.erase.warmup_steps) % cfg.erase.steps_per_cycle == 0 or state.attack is None):
-                result = self.attack(c)
-                out.update(attack_loss_first=result.losses[0], attack_loss_last=result.losses[-1])
-                if not math.isnan(result.h1):
-                    out.update(attack_H1=result.h1, attack_H2=result.h2)
-            erase_rows.append(state.attack.assemble(self.conditioner).detach() if attacking else state.word)
-        x = PromptBatch.cat(erase_rows)
-        n_erase = len(x)
-
-        # 2. retain prompts: every rank draws the same batch and keeps its shard
-        shard: list[str] = []
-        if self.retain_sampler is not None:
-            shard = self.retain_sampler.next_batch()[self.rank :: self.world_size]
-
-        # 3. Top-k selection (most drifted, from the pooled features of a no-grad pass) and the global graph.
-        #    The graph and the drift only read pooled features (EOT state, or mean over 1..EOT), which a causal
-        #    CLIP encoder computes from the positions up to EOT: those rows are encoded only that far (exact,
-        #    issue 8); the UNet rows (erase prompts + selected retain prompts) get all 77 positions.
-        zero = torch.zeros((), device=self.sampler.device)
-        l_graph, selected = zero, torch.arange(0)
-        graph_rows, retain_batch = None, None
-        if shard:
-            retain_batch = self.conditioner.embed(shard)
-            length = self._graph_length(retain_batch)
-            cond_o_r = self.retain_original(shard)
-            trained_e = self.conditioner.train_encoders
-            with torch.no_grad():
-                feats_n = self.conditioner.condition(retain_batch, trained=True, length=length,
-                                                     through_wrapper=False).features
-                drift = torch.stack([(feats_n[e] * cond_o_r.features[e]).sum(-1) for e in trained_e]).mean(0)
-                concept_feat = self.concepts[now[0]].cond.features
-                concept_sim = torch.stack([(cond_o_r.features[e] * concept_feat[e]).sum(-1) for e in trained_e]).mean(0)
-            k_local = max(1, math.ceil(cfg.retain.top_k / self.world_size))
-            selected = self._select(drift, concept_sim, k_local)
-            if cfg.retain.image_loss_rows and self.method == "sage":  # approximation, opt-in
-                m_local = max(1, math.ceil(cfg.retain.image_loss_rows / self.world_size))
-                selected = subsample_top_k(selected, m_local, self.generator)
-            out["retain_drift_mean"] = float(drift.mean())
-            if self.method == "sage" and cfg.retain.graph_weight > 0 and len(shard) >= 2:
-                graph_rows = (retain_batch, length)
-        unet_batch = PromptBatch.cat([x, retain_batch.select(selected)]) if len(selected) else x
-        groups = [(unet_batch, MAX_LENGTH)] + ([graph_rows] if graph_rows is not None else [])
-        conds = self.conditioner.condition_groups(groups, trained=True)  # the one τ_n forward with gradient
-        student_cond = conds[0]
-        if graph_rows is not None:
-            l_graph = torch.stack([graph_loss(conds[1].features[e], cond_o_r.features[e],
-                                              kind=cfg.retain.graph_loss, temperature=cfg.retain.graph_temperature)
-                                   for e in trained_e]).mean()
-
-        # 4. one partial DDIM rollout for [concepts; selected retain prompts], shared i and t
-        #    (with erase.rollout_cache: bank entries with their cached t and frozen predictions)
-        draw = self.sampler.draw(self.generator)
-        concept_cond = Conditioning.cat([self.concepts[c].cond for c in now])
-        parts = [concept_cond] + ([cond_o_r.select(selected)] if len(selected) else [])
-        roll_cond = Conditioning.cat(parts)
-        rows = n_erase + len(selected)
-        if self.bank is not None:
-            keys = [f"concept:{c}" for c in now] + [f"retain:{shard[int(j)]}" for j in selected]
-            sample = self.bank.sample(keys, roll_cond, self.uncond(1), draw.ddim_index, self.generator)
-            z, timestep = sample.latents, sample.timesteps
-            eps_uncond, eps_concept = sample.eps_uncond[:n_erase], sample.eps_cond[:n_erase]
-            eps_retain_original = sample.eps_cond[n_erase:]
-        else:
-            z = self.sampler.rollout(roll_cond, self.uncond(rows), draw.ddim_index, guidance=cfg.erase.start_guidance,
-                                     noise=self.sampler.initial_noise(rows, self.generator))
-            timestep = draw.timestep
-            # 5a. frozen targets
-            with torch.no_grad():
-                target_cond = Conditioning.cat([self.uncond(n_erase), roll_cond])
-                eps_frozen = self.sampler.eps(torch.cat([z[:n_erase], z]), timestep, target_cond)
-                eps_uncond, eps_concept = eps_frozen[:n_erase], eps_frozen[n_erase : 2 * n_erase]
-                eps_retain_original = eps_frozen[2 * n_erase :]
-
-        # 5b. the student's predictions (gradient into τ_n, or into the UNet copy for ESD-x) and
-        # 6. the total loss and one optimiser step
-        graph_weight = cfg.retain.graph_weight if self.method == "sage" else 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        interference = cfg.erase.log_interference and n_erase > 1
-        if self.student_chunk_size and len(student_cond.encoder_hidden_states) > self.student_chunk_size:
-            if interference:  # needs the erase rows' graph into the encoder: one extra forward of those rows
-                t_erase = timestep if not torch.is_tensor(timestep) or timestep.ndim == 0 else timestep[:n_erase]
-                eps_erase = self.student.eps(z[:n_erase], t_erase, student_cond.select(torch.arange(n_erase)))
-                out["interference_cos"] = self._interference(eps_erase, eps_uncond, eps_concept)
-            eps_student = self._chunked_student_backward(z, timestep, student_cond, n_erase, eps_uncond, eps_concept,
-                                                         eps_retain_original, graph_weight * l_graph)
-            with torch.no_grad():
-                l_erase, l_image, total = self._losses(eps_student, n_erase, eps_uncond, eps_concept,
-                                                       eps_retain_original, graph_weight * l_graph)
-            self._check_finite(step, total, l_erase, l_graph, l_image)
-        else:
-            eps_student = self.student.eps(z, timestep, student_cond)
-            l_erase, l_image, total = self._losses(eps_student, n_erase, eps_uncond, eps_concept, eps_retain_original,
-                                                   graph_weight * l_graph)
-            self._check_finite(step, total, l_erase, l_graph, l_image)
-            if interference:
-                out["interference_cos"] = self._interference(eps_student[:n_erase], eps_uncond, eps_concept)
-            total.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters, cfg.optim.grad_clip)
-        self.optimizer.step()
-        out.update(loss=total.item(), erase_loss=l_erase.item(), graph_loss=l_graph.item(),
-                   retain_loss=l_image.item(), ddim_index=float(draw.ddim_index), timestep=float(draw.timestep))
-        return out
+    def _interference(self, eps_student: Tensor, frozen: FrozenTargets) -> float:
+        """Mean pairwise cosine of the per-concept erase-loss gradients on the trainable parameters."""
+        eta = self.cfg.erase.negative_guidance
+        grads = {}
+        for j in range(eps_student.shape[0]):
+            loss_j = erase_loss(eps_student[j : j + 1], frozen.eps_uncond[j : j + 1], frozen.eps_concept[j : j + 1],
+                                negative_guidance=eta)
+            g = torch.autograd.grad(loss_j, self.trainable_parameters, retain_graph=True, allow_unused=True)
+            grads[str(j)] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                       for gi, p in zip(g, self.trainable_parameters)])
+        return interference(grads)["interference_cos"]
 
 
 @torch.no_grad()
@@ -424,7 +484,7 @@ def erase_objective(eraser: Eraser, concept: str, *, seed: int, num_draws: int =
 
     A deterministic yardstick for "did training lower the erase objective" (independent of the training
     RNG). The student is τ_n through the frozen UNet, or the original encoder through ESD-x's trained UNet copy.
-    Returns a float (mean squared error to the negative-guidance target, spec §1.4).
+    Returns a float (mean squared error to the negative-guidance target, docs/METHOD.md "Self-erasure").
     """
     generator = torch.Generator().manual_seed(seed)
     state = eraser.concepts[concept]

@@ -258,7 +258,7 @@ def execute_trial(study: GridStudy, variant: Variant, seed: int, *, tracker=None
     t2, c2 = time.time(), time.process_time()
     metrics.update(_evaluate(cfg, pipe, encoders, unet, quick=study.quick_eval))
     if "RER_domain" in metrics:
-        # White-box swap-back (spec §5.4): restoring the original text encoder undoes a text-encoder-only edit
+        # White-box swap-back (reports/open_questions.md): restoring the original text encoder undoes a text-encoder-only edit
         # exactly (the pipeline is then the original, RER 0); a UNet edit (ESD-x) is untouched by it.
         metrics["RER_domain_after_encoder_swap"] = metrics["RER_domain"] if unet is not None else 0.0
     c3 = time.process_time()

@@ -1,4 +1,4 @@
-"""Run grid studies as Ray Tune experiments, several at once on one Ray cluster (the open-question studies, issue 6).
+"""Run grid studies as Ray Tune experiments, several at once on one Ray cluster (the open-question studies).
 
 Each :class:`~sage_dist.tune.grid.GridStudy` is one Tune experiment: ``tune.grid_search`` over its variants
 x ``tune.grid_search`` over its seeds; each trial (:func:`grid_trial`) runs one erasure and its evaluation in

@@ -3,7 +3,7 @@
 :class:`SageSpace` holds the bounds; :meth:`SageSpace.suggest` is the define-by-run function body. Parameter
 names are the config's dotted keys, so a trial's suggestions go straight into ``StudyConfig.replace_flat``.
 
-Why these ranges (``../shared/SAGE_SPEC.md``):
+Why these ranges (docs/METHOD.md):
 
 * ``retain.retain_loss_weight`` γt, log-uniform 0.1..10: the spec reads γt = 0.4 for nudity and 3.0 for style
   (§1.7, [B]) and AdvUnlearn uses 0.3 / 0.5 (§1.7, [A]); a log range one decade around both covers the two

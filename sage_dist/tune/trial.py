@@ -2,7 +2,7 @@
 
 Ray 2.60 runs Train V2, where a ``TorchTrainer`` can no longer be passed to ``Tuner``; instead each trial is a
 Tune function trainable that builds a TorchTrainer with ``RunConfig(callbacks=[TuneReportCallback()])``, which
-forwards rank 0's ``ray.train.report`` metrics (and checkpoint paths) to Tune (``../shared/PLATFORM_NOTES.md``).
+forwards rank 0's ``ray.train.report`` metrics (and checkpoint paths) to Tune (Ray 2.60's Train V2).
 
 Per trial this function
 

@@ -1,4 +1,4 @@
-"""Concepts of the bundled world and their domains (issue 3 item 1).
+"""Concepts of the bundled world and their domains.
 
 Every attribute value (6 shapes, 6 colours, 3 textures that play artistic styles) is an erasable concept
 with a *domain*: its ``word``, ``synonyms`` (which erasure may use) and ``heldout_paraphrases`` (the

@@ -1,4 +1,4 @@
-"""The world's detector: a small CNN that reads shape, colour and texture off a 16x16 image (issue 3 item 3).
+"""The world's detector: a small CNN that reads shape, colour and texture off a 16x16 image.
 
 Trained on freshly rendered procedural images with exact labels (all combinations, both backgrounds, light
 pixel noise and blur so that imperfect generated images are still read), shipped as

@@ -1,4 +1,4 @@
-"""Architectures of the bundled world's models, in standard diffusers / transformers classes (issue 3 item 2).
+"""Architectures of the bundled world's models, in standard diffusers / transformers classes.
 
 * SD: ``CLIPTextModel`` (hidden 64 x 2 layers, the real CLIP vocabulary: 49,408 x 64 token embedding),
   ``UNet2DConditionModel`` (blocks (32, 64), attention only at 8x8, ``addition_embed_type="text"``: pooled
@@ -89,9 +89,8 @@ def build_unet(seed: int, *, xl: bool = False):
 
 
 NOISE_SCHEDULES = ("cosine", "cosine_zero_snr_v")
-"""``cosine``: eps prediction, DDIM "leading" spacing from t=951 (the session-1 weights). ``cosine_zero_snr_v`` (the
-shipped weights since session 3):
-the same betas rescaled to zero terminal SNR, v-prediction and DDIM "trailing" spacing from t=999 (Lin et al.
+"""``cosine``: eps prediction, DDIM "leading" spacing from t=951 (the first weights). ``cosine_zero_snr_v`` (the
+shipped weights): the same betas rescaled to zero terminal SNR, v-prediction and DDIM "trailing" spacing from t=999 (Lin et al.
 2023, "Common diffusion noise schedules and sample steps are flawed"): sampling then starts from pure noise as
 training saw it, so the model cannot read an attribute (e.g. the world's texture) off the noise pattern."""
 

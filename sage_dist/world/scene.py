@@ -5,10 +5,10 @@ textures play the role of artistic styles) on a light or dark *background*. Ever
 of a seed: :func:`sample_scenes` draws labels with a ``numpy.random.Generator``, :func:`render` paints them,
 :func:`caption` words them from templates and attribute paraphrases (see :mod:`sage_dist.world.concepts`).
 
-Design for learnability on a 2-core CPU (PLATFORM_NOTES.md "Bundled world", prototype 2): 16x16 pixels,
+Design for learnability on a 2-core CPU : 16x16 pixels,
 pixel-aligned coarse textures (2-px stripes, 2-px checks), narrow object sizes.
 
-Held out from generator training (for the quality check, issue 3 item 4): the 12 attribute combinations of
+Held out from generator training (for the quality check): the 12 attribute combinations of
 :data:`HELDOUT_COMBOS` and the caption template :data:`HELDOUT_TEMPLATE`.
 """
 

@@ -1,4 +1,4 @@
-"""Train the bundled world's generators from scratch (issue 3 item 2): VAE, then SD, then the SDXL twin.
+"""Train the bundled world's generators from scratch: VAE, then SD, then the SDXL twin.
 
 Phases, each resumable from ``OUT/ckpt`` (safetensors + ``state.json``, no pickles):
 
@@ -84,7 +84,7 @@ class WorldTrainConfig:
     noise_schedule: str = "cosine_zero_snr_v"
     """:data:`sage_dist.world.model.NOISE_SCHEDULES`: "cosine_zero_snr_v" (zero terminal SNR, v-prediction, trailing
     DDIM spacing; exported in the pipelines' scheduler config; the shipped weights) or "cosine" (eps prediction,
-    DDIM from t = 951: the model reads the 2-px textures off the signal left at t = 951, issue 3).
+    DDIM from t = 951: the model reads the 2-px textures off the signal left at t = 951).
     Min-SNR weighting then uses the v-loss form clamp(snr, 1, gamma) / (snr + 1), so t = 999 (snr 0) is trained."""
     high_noise_weight_cap: float = 0.0
     """If > 0, weight each sample's eps loss by clamp(1 / snr, 1, cap): emphasises getting x0 right at high noise,

@@ -1,4 +1,4 @@
-"""The engine on tiny random SD / SDXL: wiring, gradients, objectives, determinism, resume (issue 2 item 7)."""
+"""The engine on tiny random SD / SDXL: wiring, gradients, objectives, determinism, resume."""
 
 from __future__ import annotations
 
@@ -240,7 +240,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
 def test_outputs_load_with_from_pretrained_and_swap_into_pipeline(tmp_path):
     from transformers import CLIPTextModel
 
-    from sage_dist.models.load import edited_pipeline, load_text_encoders, original_encoders
+    from sage_dist.models.load import (
+        edited_pipeline,
+        load_text_encoders,
+        original_encoders,
+    )
 
     result = run_erasure(tiny_config(), out_dir=tmp_path / "out", progress=False)
     enc = CLIPTextModel.from_pretrained(tmp_path / "out" / "text_encoder")
@@ -345,7 +349,7 @@ def test_interference_between_concepts_is_logged():
 
 
 def test_loaded_pipelines_use_sdpa_attention(tiny_sd):
-    """Issue 7 item 4: SDPA attention in the UNet (diffusers AttnProcessor2_0) and the text encoder."""
+    """SDPA attention in the UNet (diffusers AttnProcessor2_0) and the text encoder."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny_sd.unet.attn_processors.values())

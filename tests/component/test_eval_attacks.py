@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from sage_dist.eval.attacks import (
-    AdversarialPrompt, PrefixAttackConfig, project_to_simplex, run_external_attack, sampled_timesteps,
+    AdversarialPrompt,
+    PrefixAttackConfig,
     prefix_token_attack,
+    project_to_simplex,
+    run_external_attack,
+    sampled_timesteps,
 )
 
 

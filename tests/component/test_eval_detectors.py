@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from sage_dist.eval.judges import (
-    Classifier, NudityRule, TorchvisionClassifier, build_classifier,
+    Classifier,
+    NudityRule,
+    TorchvisionClassifier,
+    build_classifier,
 )
 
 skimage_data = pytest.importorskip("skimage.data")

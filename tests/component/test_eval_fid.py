@@ -43,8 +43,8 @@ def test_no_network_when_nothing_local(monkeypatch):
 def test_our_features_equal_cleanfid_folder_pipeline(tmp_path):
     """Same images through our in-memory path and through clean-fid's own folder reader + resizer."""
     _need_helper()
-    from PIL import Image
     from cleanfid import fid as cleanfid
+    from PIL import Image
 
     extractor = eval_fid.load_inception("fid-helper")
     assert extractor.source == "fid-helper"

@@ -1,10 +1,10 @@
-"""SAGE's inside-out attack as the evaluation's ASR attack (b) (issue 4 item 3)."""
+"""SAGE's inside-out attack as the evaluation's ASR attack (b)."""
 
 import torch
 
 from sage_dist.eval.attacks import build_eval_attack
-from sage_dist.prompts import PromptRecord
 from sage_dist.models.tiny import build_tiny_sd
+from sage_dist.prompts import PromptRecord
 
 
 def test_eval_attack_returns_erased_conditioning_for_each_record():

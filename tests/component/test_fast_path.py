@@ -1,4 +1,4 @@
-"""Issue 8: every saving of the fast path is exact for the same seeds, or a documented approximation."""
+"""Every saving of the fast path is exact for the same seeds, or a documented approximation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from sage_dist.attack.inside_out import _objective
 from sage_dist.attack.prompt import build_attack_prompt
 from sage_dist.config import AttackConfig
+from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
 from sage_dist.models.text import TextConditioner
 from sage_dist.models.tiny import build_tiny_sd
-from sage_dist.models.sampler import DiffusionSampler, TrajectoryBank
 from tests.component.test_engine import _eraser
 from tests.conftest import tiny_config
 
@@ -37,7 +37,7 @@ def test_attack_features_up_to_eot_give_the_same_loss_and_gradient():
         concept = tc.condition(tc.embed(["triangle"]), trained=False).features
     cfg = AttackConfig()
     leaf = prompt.tokens[0].requires_grad_(True)
-    fast, _, _ = _objective(tc, prompt, concept, None, cfg)
+    fast, _, _ = _objective(tc, prompt, concept, cfg)
     (g_fast,) = torch.autograd.grad(fast, leaf)
     # straightforward: all 77 positions through both encoders
     batch = prompt.assemble(tc)
@@ -178,21 +178,21 @@ def _student_rows_per_step(**overrides) -> tuple[list[int], dict[str, float]]:
     return rows, eraser.train_step(0)
 
 
-def test_image_loss_rows_subsamples_the_top_k_and_equals_the_exact_step_when_m_is_k():
+def test_retain_loss_rows_subsamples_the_top_k_and_equals_the_exact_step_when_m_is_k():
     import pytest
 
     rows, _ = _student_rows_per_step()
     assert sum(rows) == 1 + 3
-    rows, _ = _student_rows_per_step(**{"retain.image_loss_rows": 1})
+    rows, _ = _student_rows_per_step(**{"retain.retain_loss_rows": 1})
     assert sum(rows) == 1 + 1
     _, exact = _student_rows_per_step()
-    _, same = _student_rows_per_step(**{"retain.image_loss_rows": 3})
+    _, same = _student_rows_per_step(**{"retain.retain_loss_rows": 3})
     assert same == exact  # m = k draws nothing and changes nothing
-    with pytest.raises(ValueError, match="image_loss_rows"):
-        tiny_config(**{"retain.top_k": 3, "retain.image_loss_rows": 4})
+    with pytest.raises(ValueError, match="retain_loss_rows"):
+        tiny_config(**{"retain.top_k": 3, "retain.retain_loss_rows": 4})
 
 
-def test_image_loss_rows_draw_each_top_k_row_with_probability_m_over_k():
+def test_retain_loss_rows_draw_each_top_k_row_with_probability_m_over_k():
     """The m-row mean is an unbiased estimate of the k-row L_image iff every selected row is kept with
     probability m / k: the step's draw, 600 times (k = 3, m = 1)."""
     from sage_dist.train import step as step_module
@@ -205,9 +205,9 @@ def test_image_loss_rows_draw_each_top_k_row_with_probability_m_over_k():
     assert torch.allclose(counts / 600, torch.full((3,), 1 / 3), atol=0.06), counts
 
 
-def test_two_group_encoder_pass_equals_the_single_77_position_pass_of_the_old_step():
-    """Against the pre-session-3 step structure: one τ_n pass over [erase; all retain prompts] at 77 positions, the
-    graph loss and the drift from its retain rows, the UNet rows selected from it. The new step takes the drift
+def test_two_group_encoder_pass_equals_the_single_77_position_pass():
+    """Against the straightforward step structure: one τ_n pass over [erase; all retain prompts] at 77 positions,
+    the graph loss and the drift from its retain rows, the UNet rows selected from it. The step takes the drift
     from a no-grad pass up to EOT and encodes [erase; selected] at 77 and the retain rows up to EOT in one call.
     Same drift, same loss, same gradients (tiny SD and the SDXL twin with both encoders trained, so the pooled
     ``text_embeds`` of encoder 2 is covered; mean pooling too)."""

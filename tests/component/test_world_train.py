@@ -1,4 +1,4 @@
-"""Two-step ``world train`` smoke run (tiny budget, tmp dir), resumable (issue 3 item 2)."""
+"""Two-step ``world train`` smoke run (tiny budget, tmp dir), resumable."""
 
 import json
 

@@ -34,7 +34,7 @@ def test_shipped_sd_reproduces_golden_image():
     pipe = StableDiffusionPipeline.from_pretrained(str(world_path("world")), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.addition_embed_type == "text" and pipe.vae_scale_factor == 1
-    sched = pipe.scheduler.config  # the zero-SNR-v world (issue 3: textures no longer read off the noise)
+    sched = pipe.scheduler.config  # zero terminal SNR, v-prediction: textures are not read off the noise
     assert sched.prediction_type == "v_prediction" and sched.rescale_betas_zero_snr and sched.timestep_spacing == "trailing"
     spec = json.loads(GOLDEN.read_text())
     image = _golden_image(pipe, spec)

@@ -8,7 +8,12 @@ import time
 
 import pytest
 
-from sage_dist.tracking import MlflowTracker, check_tracking_reachable, ensure_experiment, resolve_tracking
+from sage_dist.tracking import (
+    MlflowTracker,
+    check_tracking_reachable,
+    ensure_experiment,
+    resolve_tracking,
+)
 from sage_dist.tracking.mlflow_tracker import child_runs, list_artifacts, metric_history
 
 
@@ -38,8 +43,8 @@ def test_unreachable_server_fails_fast_with_a_clear_error():
 
 
 def test_worker_without_ray_logs_into_a_nested_run(tmp_path):
-    from tests.conftest import tiny_config
     from sage_dist.train.ray_worker import WorkerRun, train_fn_per_worker, worker_config
+    from tests.conftest import tiny_config
 
     target = resolve_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
     check_tracking_reachable(target)

@@ -1,4 +1,4 @@
-"""Two Ray Train workers run one erasure under DDP (gloo); rank 0 saves the trained encoder (issue 5)."""
+"""Two Ray Train workers run one erasure under DDP (gloo); rank 0 saves the trained encoder."""
 
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ needs_world = pytest.mark.skipif(not world_available(), reason="the bundled worl
 
 # ---- mined template library -------------------------------------------------------------------------------
 def test_mined_library_has_one_slot_and_no_world_concept_word():
-    from sage_dist.attack.templates import load_templates
     from sage_dist.attack.mining import MINED_LIBRARY, banned_words, contains_banned
+    from sage_dist.attack.templates import load_templates
     from sage_dist.world.concepts import CONCEPTS
 
     templates = load_templates(str(MINED_LIBRARY))  # the engine's own check: exactly one {} per line
@@ -64,7 +64,12 @@ def test_mined_library_has_one_slot_and_no_world_concept_word():
 
 
 def test_caption_to_template_rules():
-    from sage_dist.attack.mining import caption_to_template, contains_banned, banned_words, mine_templates
+    from sage_dist.attack.mining import (
+        banned_words,
+        caption_to_template,
+        contains_banned,
+        mine_templates,
+    )
 
     assert caption_to_template("Two people with skis are skiing on the snow.") == "a {} with skis are skiing on the snow"
     assert caption_to_template("Motorcycles on display.") is None  # no article: no subject phrase found
@@ -84,19 +89,6 @@ def test_mined_library_regenerates_identically(tmp_path):
 
 
 # ---- interference -----------------------------------------------------------------------------------------
-def test_mean_pairwise_cosine_hand_values():
-    from sage_dist.train.interference import mean_pairwise_cosine
-
-    out = mean_pairwise_cosine({"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 1.0]),
-                                "c": torch.tensor([-1.0, 0.0])})
-    assert out["a|b"] == pytest.approx(2 ** -0.5)
-    assert out["a|c"] == pytest.approx(-1.0)
-    assert out["interference_cos"] == pytest.approx((2 ** -0.5 - 1 - 2 ** -0.5) / 3)
-    assert out["interference_cos_min"] == pytest.approx(-1.0)
-    single = mean_pairwise_cosine({"a": torch.tensor([1.0])})
-    assert single["interference_cos"] != single["interference_cos"]  # NaN
-
-
 def test_interference_probe_on_tiny_model():
     from sage_dist.models.load import load_pipeline
     from sage_dist.train.interference import InterferenceProbe
@@ -235,8 +227,7 @@ TINY_MODELS = {"multi_concept": "tiny-sd", "dual_encoder": "tiny-sdxl", "templat
 @pytest.mark.parametrize("name", STUDY_FILES)
 def test_smoke_trials_on_tiny_models(name):
     """Every smoke variant of each study on a random tiny model (every procedure; text-space proxy metrics)."""
-    from sage_dist.tune.grid import smoke_version
-    from sage_dist.tune.grid import execute_trial
+    from sage_dist.tune.grid import execute_trial, smoke_version
 
     study = smoke_version(load_study_module(name).study(TINY_MODELS[name]))
     for variant in study.variants:
@@ -254,8 +245,7 @@ def test_smoke_trials_on_tiny_models(name):
 
 
 def _world_smoke_trial(name: str, variant_name: str) -> dict:
-    from sage_dist.tune.grid import smoke_version
-    from sage_dist.tune.grid import execute_trial
+    from sage_dist.tune.grid import execute_trial, smoke_version
 
     study = smoke_version(load_study_module(name).study())
     record = execute_trial(study, next(v for v in study.variants if v.name == variant_name), 0)

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from sage_dist.config import (AttackConfig, EraseConfig, ModelConfig, OptimConfig, RetainConfig, ScalingConfig,
-                              StudyConfig, TrackingConfig)
+from sage_dist.config import (
+    AttackConfig,
+    EraseConfig,
+    ModelConfig,
+    OptimConfig,
+    RetainConfig,
+    ScalingConfig,
+    StudyConfig,
+    TrackingConfig,
+)
 from sage_dist.tune.space import SageSpace
 from sage_dist.tune.study import StudyOptions
 

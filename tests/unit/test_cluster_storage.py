@@ -1,4 +1,4 @@
-"""Multi-node safety checks of the study driver (issue 7): shared storage and the MLflow URI from the
+"""Multi-node safety checks of the study driver: shared storage and the MLflow URI from the
 environment that cluster.yaml sets on every node."""
 
 import pytest

@@ -1,8 +1,15 @@
-"""Config validation and dotted overrides (issue 2 item 5)."""
+"""Config validation and dotted overrides."""
 
 import pytest
 
-from sage_dist.config import AttackConfig, EraseConfig, OptimConfig, RetainConfig, StudyConfig, parse_overrides
+from sage_dist.config import (
+    AttackConfig,
+    EraseConfig,
+    OptimConfig,
+    RetainConfig,
+    StudyConfig,
+    parse_overrides,
+)
 
 
 def test_defaults_are_the_spec_defaults():

@@ -1,4 +1,4 @@
-"""Metric formulas on hand-made detections and features (spec section 3)."""
+"""Metric formulas on hand-made detections and features (docs/METHOD.md "Evaluation")."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import pytest
 
 from sage_dist.eval.judges import EXPOSED_CLASSES, Detection, NudityRule, top_k_labels
 from sage_dist.eval.metrics import (
-    attack_success_rate, classifier_success, clip_score_from_embeddings, fid_from_features, nudity_rer,
-    per_class_image_counts, relative_erasure_ratio,
+    attack_success_rate,
+    classifier_success,
+    clip_score_from_embeddings,
+    fid_from_features,
+    nudity_rer,
+    per_class_image_counts,
+    relative_erasure_ratio,
 )
 
 

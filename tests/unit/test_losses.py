@@ -1,12 +1,25 @@
-"""Losses against hand-computed values on small tensors (spec §1.4, §1.6, §1.7)."""
+"""Losses against hand-computed values on small tensors (docs/METHOD.md "Self-erasure", "Self-check", retention)."""
 
 import math
 
 import pytest
 import torch
 
-from sage_dist.losses import (attack_loss, cosine_graph, erase_loss, esd_target, graph_loss, h1_concept_similarity,
-                              h2_not_erased, noise_retain_loss, select_top_k, sequence_cosine)
+from sage_dist.losses import (
+    attack_loss,
+    cosine_graph,
+    erase_loss,
+    esd_target,
+    graph_loss,
+    h1_concept_similarity,
+    h2_not_erased,
+    interference,
+    outside_in_loss,
+    retain_loss,
+    row_mse,
+    select_top_k,
+    sequence_cosine,
+)
 
 
 def test_esd_target_by_hand():
@@ -29,11 +42,13 @@ def test_erase_loss_by_hand_and_zero_gradient_at_target():
     assert torch.equal(at_target.grad, torch.zeros_like(at_target))
 
 
-def test_noise_retain_loss_by_hand():
+def test_retain_loss_and_row_mse_by_hand():
     a = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]])
     b = torch.tensor([[[[0.0, 1.0]]], [[[2.0, 0.0]]]])
-    assert noise_retain_loss(a, b).item() == pytest.approx((1 + 4 + 4 + 0) / 4)
-    assert noise_retain_loss(a[:0], b[:0]).item() == 0.0
+    assert retain_loss(a, b).item() == pytest.approx((1 + 4 + 4 + 0) / 4)
+    assert retain_loss(a[:0], b[:0]).item() == 0.0
+    assert row_mse(a, b).tolist() == pytest.approx([(1 + 4) / 2, (4 + 0) / 2])
+    assert outside_in_loss(a, b).item() == pytest.approx(retain_loss(a, b).item())
 
 
 def test_cosine_graph_and_graph_loss_by_hand():
@@ -62,6 +77,17 @@ def test_select_top_k_lowest_first_stable():
     scores = torch.tensor([0.9, 0.1, 0.5, 0.1, 0.3])
     assert select_top_k(scores, 3).tolist() == [1, 3, 4]
     assert select_top_k(scores, 10).tolist() == [1, 3, 4, 2, 0]
+    # scores within the tie tolerance count as tied: rounding noise cannot reorder them
+    assert select_top_k(torch.tensor([1.0, 1.0 - 1e-9, 1.0 + 1e-9, 0.5]), 3).tolist() == [3, 0, 1]
+
+
+def test_interference_by_hand():
+    grads = {"b": torch.tensor([1.0, 1.0]), "a": torch.tensor([1.0, 0.0]), "c": torch.tensor([-1.0, 0.0])}
+    out = interference(grads)
+    r = 1 / math.sqrt(2)
+    assert out["a|b"] == pytest.approx(r) and out["a|c"] == pytest.approx(-1.0) and out["b|c"] == pytest.approx(-r)
+    assert out["interference_cos"] == pytest.approx((r - 1 - r) / 3) and out["interference_cos_min"] == -1.0
+    assert math.isnan(interference({"a": torch.ones(2)})["interference_cos"])
 
 
 def test_attack_terms_by_hand():
@@ -71,9 +97,8 @@ def test_attack_terms_by_hand():
     assert h1.item() == pytest.approx(1 / math.sqrt(2))
     h2 = h2_not_erased(a, a)
     assert h2.item() == pytest.approx(1.0)
-    # L = -(H2) - 2*H1 + 0.5*boundary
-    loss = attack_loss(h1, h2, h1_weight=2.0, boundary_B=torch.tensor([0.4]), boundary_weight=0.5)
-    assert loss.item() == pytest.approx(-1.0 - 2 / math.sqrt(2) + 0.2)
+    # L = -(H2) - 2*H1
+    assert attack_loss(h1, h2, h1_weight=2.0).item() == pytest.approx(-1.0 - 2 / math.sqrt(2))
 
 
 def test_sequence_cosine_ignores_sot_and_padding():

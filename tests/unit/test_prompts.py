@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from sage_dist.prompts import (
-    SHIPPED_SETS, load_prompts, load_retain_prompts, shipped_prompts_dir,
+    SHIPPED_SETS,
+    load_prompts,
+    load_retain_prompts,
+    shipped_prompts_dir,
 )
 
 SHARED_PROMPTS = Path(__file__).parents[2] / ".." / "shared" / "data" / "prompts"

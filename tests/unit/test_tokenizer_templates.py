@@ -1,4 +1,4 @@
-"""The real CLIP BPE offline, and the attack's template library (issue 2 items 2-3)."""
+"""The real CLIP BPE offline, and the attack's template library."""
 
 import re
 

@@ -1,10 +1,17 @@
-"""World generation and concept domains: deterministic, exact labels (issue 3 item 1)."""
+"""World generation and concept domains: deterministic, exact labels."""
 
 import numpy as np
 import pytest
 
 from sage_dist.world import scene
-from sage_dist.world.concepts import CONCEPTS, SHAPES, TEXTURES, concept_domain, phrases, retain_prompts
+from sage_dist.world.concepts import (
+    CONCEPTS,
+    SHAPES,
+    TEXTURES,
+    concept_domain,
+    phrases,
+    retain_prompts,
+)
 
 
 def test_generation_is_deterministic_for_a_seed():
