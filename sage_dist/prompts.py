@@ -6,13 +6,22 @@ The known files name their columns differently (``case_number`` / ``case_num`` /
 pandas index column (``""`` or ``Unnamed: 0``), prompts can be empty, duplicated, multi-line or longer
 than CLIP's 77 tokens, and I2P's guidance goes up to 255. The loader copes with all of them:
 
-* truly unusable rows (empty prompt, unparsable or out-of-range seed, non-numeric or non-finite
-  guidance) are left out and *reported* in :class:`LoadReport` (count and ids), never silently dropped;
+* truly unusable rows (empty or blank prompt, control characters, a seed that is not an integer in
+  ``[0, 2**64)``, a guidance that is not a finite number >= 0, an id that cannot name an image file, more
+  fields than the header) are left out and *reported* in :class:`LoadReport` (count, ids and lines), never
+  silently dropped;
 * everything else is kept, with one warning per kind: duplicated prompts, duplicated ids (made unique
   with a ``~N`` suffix so per-id image files cannot collide), prompts over 77 CLIP tokens (the pipeline
-  truncates them, as every published evaluation did), guidance outside ``[1, 30]``, multi-line prompts
-  (newlines become spaces: CLIP's tokenizer collapses whitespace, so the tokens are unchanged);
-* a file without a prompt column raises ``ValueError`` naming the columns found and the ones accepted.
+  truncates them, as every published evaluation did; diffusers' own per-prompt truncation message, which
+  prints prompt text, is filtered out, see :func:`install_truncation_filter`), guidance outside ``[1, 30]``,
+  multi-line prompts (newlines become spaces: CLIP's tokenizer collapses whitespace, so the tokens are
+  unchanged);
+* a file that cannot be read as intended is a ``ValueError`` that names the file (and line) and the fix,
+  raised before any model loads: missing, a folder, an unknown suffix, empty, a header without rows, no
+  usable row, not UTF-8 (Latin-1 / Windows-1252 bytes, UTF-16 without a byte-order mark), NUL bytes,
+  malformed quoting, a repeated header column, a TXT that is really a CSV, no prompt column (the message
+  lists the columns found and the ones accepted). Byte-order marks (UTF-8, UTF-16, UTF-32) are honoured;
+  a CSV whose header is separated by ``;``, tabs or ``|`` is read with that delimiter, with a warning.
 
 Shipped sets (``sage_dist/data/prompts``, see ATTRIBUTION.md there) are loaded by short name::
 
@@ -27,10 +36,15 @@ Sources and licences of the shipped sets: ``sage_dist/data/prompts/ATTRIBUTION.m
 
 from __future__ import annotations
 
+import codecs
 import csv
+import difflib
+import io
 import logging
 import math
+import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -55,6 +69,11 @@ GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance", "guidance_scale", "sd_gui
 ID_COLUMNS = ("case_number", "case_num", "id", "prompt_id", "image_id", "idx")
 CATEGORY_COLUMNS = ("categories", "category", "concept", "artist", "class", "label", "source")
 _INDEX_COLUMN = re.compile(r"^(Unnamed: \d+)?$")
+_UNSAFE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
+_DELIMITERS = (",", "\t", ";", "|")
+"""Tried in this order on a CSV's header: the first whose split names a prompt column is used."""
+PROMPT_FILE_SUFFIXES = (".csv", ".tsv", ".txt")
+"""File types :func:`load_prompts` reads (case-insensitive)."""
 
 # name -> (path inside sage_dist/data/prompts, category filter or None)
 SHIPPED_SETS: dict[str, tuple[str, str | None]] = {
@@ -112,6 +131,8 @@ class LoadReport:
     """Field -> column of the file used for it (``None``: defaulted)."""
     unusable: tuple[tuple[str, str], ...] = ()
     """(id, reason) for every row that was left out."""
+    unusable_lines: tuple[int, ...] = ()
+    """Line of the file (1-based) where each row of ``unusable`` starts, in the same order."""
     dropped_columns: tuple[str, ...] = ()
     """Stray pandas index columns that were ignored."""
     duplicated_prompt_ids: tuple[str, ...] = ()
@@ -130,6 +151,10 @@ class LoadReport:
     """Ids whose seed cell was blank (seed = row number + ``default_seed``)."""
     token_check: str = "done"
     """"done", or why the 77-token check was skipped."""
+    encoding: str = "utf-8"
+    """Codec the file was read with ("utf-8-sig", "utf-16", ... when it had a byte-order mark)."""
+    delimiter: str | None = ","
+    """CSV delimiter used (``None`` for a TXT)."""
     @property
     def num_unusable(self) -> int:
         return len(self.unusable)
@@ -145,7 +170,7 @@ class LoadReport:
             "num_guidance_out_of_range": len(self.guidance_out_of_range_ids),
             "num_multiline": len(self.multiline_ids), "num_defaulted_seeds": len(self.defaulted_seed_ids),
             "dropped_columns": list(self.dropped_columns), "column_map": dict(self.column_map),
-            "token_check": self.token_check,
+            "token_check": self.token_check, "encoding": self.encoding, "delimiter": self.delimiter,
         }
 
 
@@ -166,6 +191,62 @@ class PromptSet:
         return [r.prompt for r in self.records]
 
 
+# ---- diffusers' per-prompt truncation message ------------------------------------------------------------
+TRUNCATION_MESSAGE = "The following part of your input was truncated because"
+"""Start of the warning diffusers' pipelines log once per call with the truncated prompt text."""
+PIPELINE_LOGGERS = (
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
+)
+"""Loggers of the pipelines sage_dist runs (SD 1.x/2.x and SDXL, the bundled world's included)."""
+
+
+class TruncationFilter(logging.Filter):
+    """Drops diffusers' "part of your input was truncated" records and counts them.
+
+    The project logs prompt ids, never prompt text (some sets are explicit); the summary of long prompts is
+    :func:`load_prompts`' one warning (count and ids) and, for retain prompts,
+    :func:`sage_dist.train.validate.warn_long_prompts`. Every other record passes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("sage_dist.truncation")
+        self.num_dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(TRUNCATION_MESSAGE):
+            self.num_dropped += 1
+            return False
+        return True
+
+
+TRUNCATION_FILTER = TruncationFilter()
+"""The one filter instance :func:`install_truncation_filter` attaches."""
+
+
+def install_truncation_filter() -> list[str]:
+    """Attach :data:`TRUNCATION_FILTER` to the diffusers pipeline loggers; idempotent, imports nothing.
+
+    Covers :data:`PIPELINE_LOGGERS` (created now if their modules are not imported yet: diffusers' modules
+    get the same logger objects later) and every ``diffusers.pipelines.*`` logger that already exists. Runs
+    once when :mod:`sage_dist.prompts` is imported. Returns the names of the loggers it covers.
+    """
+    existing = [name for name in list(logging.Logger.manager.loggerDict) if name.startswith("diffusers.pipelines.")]
+    names = sorted({*PIPELINE_LOGGERS, *existing})
+    for name in names:
+        logger = logging.getLogger(name)
+        if TRUNCATION_FILTER not in logger.filters:
+            logger.addFilter(TRUNCATION_FILTER)
+    return names
+
+
+install_truncation_filter()
+
+
 def shipped_prompts_dir() -> Path:
     """Folder of the prompt files shipped inside the package (``sage_dist/data/prompts``)."""
     return Path(str(resources.files("sage_dist") / "data" / "prompts"))
@@ -175,7 +256,8 @@ def resolve_prompt_source(name_or_path: str | Path) -> tuple[Path, str | None]:
     """Map a shipped-set name (:data:`SHIPPED_SETS`) or a path to (file, category filter).
 
     Raises:
-        ValueError: neither a shipped name nor an existing file; the message lists the names.
+        ValueError: neither a shipped name nor an existing file (the message says which: a missing file, a
+            folder, or an unknown name with the closest shipped names and the full list).
     """
     key = str(name_or_path)
     if key in SHIPPED_SETS:
@@ -184,9 +266,18 @@ def resolve_prompt_source(name_or_path: str | Path) -> tuple[Path, str | None]:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path, None
+    if path.is_dir():
+        raise ValueError(f"prompt file {key!r} is a folder; give a CSV (header row with a 'prompt' column) or a "
+                         "TXT (one prompt a line) inside it")
+    if isinstance(name_or_path, Path) or path.suffix.lower() in PROMPT_FILE_SUFFIXES or os.sep in key:
+        raise ValueError(f"prompt file {key!r} does not exist (relative paths start at {Path.cwd()}); check the "
+                         f"path, or use a shipped set: {', '.join(sorted(SHIPPED_SETS))}")
+    close = difflib.get_close_matches(key, list(SHIPPED_SETS), n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise ValueError(
-        f"prompt set {key!r} is neither a file nor a shipped set; shipped sets: {', '.join(sorted(SHIPPED_SETS))}; "
-        "or pass the path of a CSV (with a 'prompt' column) or a TXT (one prompt per line)")
+        f"prompt set {key!r} is neither a file nor a shipped set; {hint}shipped sets: "
+        f"{', '.join(sorted(SHIPPED_SETS))}; or pass the path of a CSV (with a 'prompt' column) or a TXT "
+        "(one prompt per line)")
 
 
 def _pick(columns: Sequence[str], candidates: Sequence[str], override: str | None, what: str) -> str | None:
@@ -210,16 +301,220 @@ def _parse_seed(text: str) -> int:
     return seed
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    if path.suffix.lower() == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return ["prompt"], [{"prompt": line} for line in lines]
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None:
-            raise ValueError(f"{path} is empty: a CSV needs a header row with a 'prompt' column")
-        rows = [{k: (v if v is not None else "") for k, v in row.items() if k is not None} for row in reader]
-        return list(reader.fieldnames), rows
+def _guidance_problem(text: str) -> tuple[float | None, str | None]:
+    """(guidance, None) for a usable cell, (None, reason) otherwise."""
+    try:
+        guidance = float(text)
+    except ValueError:
+        hint = " (a decimal comma? write 7.5, not 7,5)" if re.fullmatch(r"[+-]?\d+,\d+", text) else ""
+        return None, f"guidance {text!r} is not a number{hint}"
+    if not math.isfinite(guidance):
+        return None, f"guidance {text!r} is not a finite number"
+    if guidance < 0:
+        return None, (f"guidance {text!r} is negative; classifier-free guidance must be >= 0 "
+                      "(1 = the conditional prediction alone, 7.5 = SD's default)")
+    return guidance, None
+
+
+def _id_problem(record_id: str) -> str | None:
+    """Why ``record_id`` cannot name an image file, or None."""
+    if record_id in (".", "..") or _UNSAFE_ID.search(record_id):
+        return (f"id {record_id!r} cannot name an image file (ids may not contain '/', '\\' or control "
+                "characters, nor be '.' or '..'); rename it in the file")
+    return None
+
+
+def _prompt_problem(text: str) -> str | None:
+    if not text:
+        return "empty prompt"
+    bad = next((ch for ch in text if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        return f"prompt contains the control character U+{ord(bad):04X}; remove it"
+    return None
+
+
+# ---- reading a file -------------------------------------------------------------------------------------
+_BOMS: tuple[tuple[bytes, str, str], ...] = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8 with a byte-order mark"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"), (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+
+
+def _position(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of byte ``offset``."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _convert_hint(path: Path, source: str) -> str:
+    return (f"save it as UTF-8 (e.g. `iconv -f {source} -t UTF-8 '{path}' > '{path.with_suffix('')}.utf8"
+            f"{path.suffix}'`)")
+
+
+def _read_text(path: Path, encoding: str | None) -> tuple[str, str]:
+    """The file's text and the encoding it was read with.
+
+    UTF-8 is the default; a byte-order mark (UTF-8, UTF-16, UTF-32) is honoured and removed. Anything else
+    (Latin-1 / Windows-1252 bytes, UTF-16 without a byte-order mark, binary data) is an error that says how to
+    convert the file, unless ``encoding`` names the file's encoding explicitly.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read prompt file {path}: {err.strerror or err}; check its permissions") from err
+    if not data.strip(b" \t\r\n" + codecs.BOM_UTF8):
+        raise ValueError(f"{path} is empty ({len(data)} bytes): a CSV needs a header row with a 'prompt' column "
+                         "and one row per prompt; a TXT needs one prompt per line")
+    if encoding is not None:
+        try:
+            text = data.decode(encoding)
+        except LookupError:
+            raise ValueError(f"{path}: unknown encoding {encoding!r}; use a Python codec name such as "
+                             "'utf-8', 'cp1252' or 'latin-1'") from None
+        except UnicodeDecodeError as err:
+            line, col = _position(data, err.start)
+            raise ValueError(f"{path}: not valid {encoding} (byte 0x{data[err.start]:02x} at line {line}, column "
+                             f"{col}); give the file's real encoding or {_convert_hint(path, encoding)}") from None
+        return text.removeprefix("\ufeff"), encoding
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} starts with a {name} byte-order mark but is not valid {name} at byte "
+                                 f"{err.start}; re-save it as UTF-8") from None
+            if codec != "utf-8-sig":
+                log.warning("%s: read as %s (it has a %s byte-order mark); UTF-8 is preferred", path, name, name)
+            return text.removeprefix("\ufeff"), codec
+    if b"\x00" in data:
+        even, odd = data[0::2].count(0), data[1::2].count(0)
+        if max(even, odd) > len(data) // 4:
+            raise ValueError(f"{path} looks like UTF-16 without a byte-order mark; "
+                             f"{_convert_hint(path, 'UTF-16LE' if odd > even else 'UTF-16BE')}")
+        line, col = _position(data, data.index(b"\x00"))
+        raise ValueError(f"{path} holds a NUL byte at line {line}, column {col}: it is not a text file; give a "
+                         "CSV or TXT saved as UTF-8")
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as err:
+        line, col = _position(data, err.start)
+        try:
+            data.decode("cp1252")
+            guess, codec = "probably Windows-1252 / Latin-1", "cp1252"
+        except UnicodeDecodeError:
+            guess, codec = "its encoding is unknown", "<its encoding>"
+        raise ValueError(
+            f"{path} is not UTF-8: byte 0x{data[err.start]:02x} at line {line}, column {col} ({guess}); "
+            f"{_convert_hint(path, 'WINDOWS-1252' if codec == 'cp1252' else 'ENCODING')}, or pass "
+            f"encoding={codec!r} to load_prompts") from None
+
+
+def _split_lines(text: str) -> list[str]:
+    lines = re.split(r"\r\n|\r|\n", text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _header_fields(line: str, delimiter: str) -> list[str]:
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error:
+        return [line]
+
+
+def _looks_like_a_header(line: str) -> list[str] | None:
+    """The column names if ``line`` is a CSV header: it names a prompt column and either another known column
+    (seed, guidance, id, category, a pandas index) or nothing else ("prompt")."""
+    known = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, *ID_COLUMNS, *CATEGORY_COLUMNS)
+    for delimiter in _DELIMITERS:
+        fields = [f.strip().lower() for f in _header_fields(line, delimiter)]
+        prompt_fields = [f for f in fields if f in PROMPT_COLUMNS]
+        others = [f for f in fields if f not in prompt_fields]
+        if prompt_fields and (fields in (["prompt"], ["prompts"])
+                              or others and all(f in known or _INDEX_COLUMN.match(f) for f in others)):
+            return fields
+    return None
+
+
+def _choose_delimiter(path: Path, header: str, prompt_column: str | None) -> str:
+    """The delimiter whose split of the header names a prompt column (comma first); else the one that splits."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    for delimiter in _DELIMITERS:
+        columns = _header_fields(header, delimiter)
+        if _pick([c for c in columns if not _INDEX_COLUMN.match(c.strip())], PROMPT_COLUMNS, None, "prompt") \
+                or (prompt_column is not None and prompt_column in columns):
+            return delimiter
+    for delimiter in _DELIMITERS:
+        if len(_header_fields(header, delimiter)) > 1:
+            return delimiter
+    return ","
+
+
+@dataclass(frozen=True)
+class _Row:
+    line: int
+    """1-based line of the file where the row starts."""
+    cells: dict[str, str]
+    problem: str | None = None
+
+
+def _read_txt(path: Path, text: str) -> tuple[list[str], list[_Row]]:
+    lines = _split_lines(text)
+    first = next((line for line in lines if line.strip()), "")
+    header = _looks_like_a_header(first)
+    if header is not None:
+        raise ValueError(
+            f"{path}: its first line {first.strip()[:80]!r} is a CSV header (columns {header}), but a .txt is read "
+            "as one prompt per line; rename the file to .csv, or delete the header line if every line is a prompt")
+    return ["prompt"], [_Row(line=i + 1, cells={"prompt": line}) for i, line in enumerate(lines)]
+
+
+def _read_csv(path: Path, text: str, prompt_column: str | None) -> tuple[list[str], list[_Row], str]:
+    lines = _split_lines(text)
+    offset = 0
+    declared = re.fullmatch(r"\s*sep=(.)\s*", lines[0]) if lines else None
+    if declared:  # Excel's "sep=;" first line
+        offset = 1
+        text = re.sub(r"^[^\r\n]*(\r\n|\r|\n)?", "", text, count=1)
+        lines = lines[1:]
+    header = next((line for line in lines if line.strip()), None)
+    if header is None:
+        raise ValueError(f"{path} is empty: a CSV needs a header row with a 'prompt' column and one row per prompt")
+    delimiter = declared.group(1) if declared else _choose_delimiter(path, header, prompt_column)
+    if delimiter != "," and path.suffix.lower() == ".csv":
+        log.warning("%s: read as %r-separated (its header has no usable comma-separated columns)", path, delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[_Row] = []
+    columns: list[str] | None = None
+    start = 1
+    try:
+        for fields in reader:
+            line = start + offset
+            start = reader.line_num + 1
+            if columns is None:
+                if not any(f.strip() for f in fields):
+                    continue  # blank lines before the header
+                columns = fields
+                repeated = sorted({c for c in columns if columns.count(c) > 1 and c.strip()})
+                if repeated:
+                    raise ValueError(f"{path}: the header repeats column(s) {repeated} (line {line}); give every "
+                                     "column its own name")
+                continue
+            if not fields:
+                continue  # a blank line between rows
+            cells = {c: (fields[i] if i < len(fields) else "") for i, c in enumerate(columns)}
+            problem = None
+            if len(fields) > len(columns) and any(f.strip() for f in fields[len(columns):]):
+                problem = (f"has {len(fields)} fields but the header has {len(columns)} (a {delimiter!r} inside an "
+                           "unquoted prompt? quote the cell: \"a, b\")")
+            rows.append(_Row(line=line, cells=cells, problem=problem))
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {start + offset}: malformed CSV in the row starting there ({err}); a quote "
+                         "that opens a cell must close it, and a quote inside a quoted cell is written twice "
+                         "(\"\")") from None
+    assert columns is not None  # a non-blank header line exists
+    return columns, rows, delimiter
 
 
 def _count_over_token_limit(prompts: Sequence[str], ids: Sequence[str]) -> tuple[tuple[str, ...], str]:
@@ -245,94 +540,157 @@ def load_prompts(
     default_guidance: float = DEFAULT_GUIDANCE,
     check_tokens: bool = True,
     limit: int | None = None,
+    encoding: str | None = None,
 ) -> PromptSet:
-    """Load a shipped set by name, or a user's CSV / TXT, into typed records.
+    """Load a shipped set by name, or a user's CSV / TSV / TXT, into typed records.
+
+    Reads only the file (no model), so every problem is found before a pipeline loads.
 
     Args:
         source: a name from :data:`SHIPPED_SETS` (e.g. ``"i2p_sexual"``, ``"coco_object_retain"``) or a path.
             CSV: header row; the prompt column is the first of :data:`PROMPT_COLUMNS` present (Ring-A-Bell
-            pairs: ``"sensitive prompt"``; ``"normal prompt"`` lands in ``extra``). TXT: one prompt a line.
+            pairs: ``"sensitive prompt"``; ``"normal prompt"`` lands in ``extra``); a header without commas
+            but with ``;``, tabs or ``|`` is read with that delimiter (with a warning), and Excel's ``sep=;``
+            first line is honoured. TSV: tab-separated. TXT: one prompt a line.
         category: keep only records whose category list contains this item (I2P: ``"sexual"``); overrides
             the shipped set's own filter.
         prompt_column: use this column for the prompt instead of the automatic choice.
         default_seed: files without a seed column (or blank cells) get ``default_seed + row number``.
-        default_guidance: guidance for files without a guidance column.
+        default_guidance: guidance for files without a guidance column (finite, >= 0).
         check_tokens: count prompts over 77 CLIP tokens with the real tokenizer (needs open-clip-torch).
-        limit: keep the first ``limit`` usable records (after the category filter).
+        limit: keep the first ``limit`` usable records (after the category filter); >= 1.
+        encoding: the file's text encoding when it is not UTF-8 (a Python codec name, e.g. ``"cp1252"``).
+            By default UTF-8 is required; a UTF-8, UTF-16 or UTF-32 byte-order mark is honoured.
 
     Returns:
-        :class:`PromptSet` with records in file order and a :class:`LoadReport`.
+        :class:`PromptSet` with records in file order and a :class:`LoadReport`. Unusable rows (empty or
+        blank prompt, control characters, a seed that is not an integer in ``[0, 2**64)``, a guidance that is
+        not a finite number >= 0, an id that cannot name a file, more fields than the header) are left out
+        and listed in the report, with one warning.
 
     Raises:
-        ValueError: unknown name / missing file, no prompt column (message lists the columns found and the
-            names accepted), ``prompt_column`` not in the file, a filter that matches nothing.
+        ValueError: naming the file (and line) and the fix, for: an unknown name, a missing file or a folder,
+            an unknown suffix, an empty file, a file that is not UTF-8 (and no ``encoding``), NUL bytes,
+            malformed CSV quoting, a repeated header column, a TXT whose first line is a CSV header, no prompt
+            column (lists the columns found and the names accepted), ``prompt_column`` not in the file, a
+            header without data rows, no usable row at all, a category filter that matches nothing, and bad
+            ``default_seed`` / ``default_guidance`` / ``limit`` arguments.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: must be >= 1 (or None for every record)")
+    if isinstance(default_seed, bool) or not isinstance(default_seed, int) or not 0 <= default_seed <= MAX_SEED:
+        raise ValueError(f"default_seed={default_seed!r}: must be an integer in [0, 2**64)")
+    if isinstance(default_guidance, bool) or not isinstance(default_guidance, (int, float)) \
+            or not math.isfinite(default_guidance) or default_guidance < 0:
+        raise ValueError(f"default_guidance={default_guidance!r}: must be a finite number >= 0 (SD's default: 7.5)")
     path, shipped_category = resolve_prompt_source(source)
     category = category if category is not None else shipped_category
-    columns, rows = _read_rows(path)
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise ValueError(f"{path}: unknown prompt file type {path.suffix or '(no suffix)'!r}; give a .csv (header "
+                         "row with a 'prompt' column), a .tsv (the same, tab-separated) or a .txt (one prompt a "
+                         "line), renaming the file if its content is one of these")
+    text, used_encoding = _read_text(path, encoding)
+    if suffix == ".txt":
+        columns, rows, delimiter = *_read_txt(path, text), None
+    else:
+        columns, rows, delimiter = _read_csv(path, text, prompt_column)
 
     dropped = tuple(c for c in columns if _INDEX_COLUMN.match(c.strip()))
     usable_columns = [c for c in columns if c not in dropped]
     prompt_col = _pick(usable_columns, PROMPT_COLUMNS, prompt_column, "prompt")
     if prompt_col is None:
+        near = [c for c in usable_columns if any(k in c.strip().lower() for k in ("prompt", "caption", "text"))
+                or difflib.get_close_matches(c.strip().lower(), PROMPT_COLUMNS, n=1, cutoff=0.7)]
+        hint = f" Column {near[0]!r} looks like the prompt column: rename it to 'prompt'." if near else (
+            " If the first line is already a prompt, the file has no header: add a first line such as "
+            "'prompt,seed', or save one prompt per line as .txt.")
         raise ValueError(
             f"{path}: no prompt column. Columns found: {columns}; needed: one of {list(PROMPT_COLUMNS)} "
-            "(or pass prompt_column=...). Optional: a seed column "
+            f"(rename the column, or pass prompt_column=...).{hint} Optional: a seed column "
             f"{list(SEED_COLUMNS)}, a guidance column {list(GUIDANCE_COLUMNS)}, an id column {list(ID_COLUMNS)}.")
+    if not rows:
+        raise ValueError(f"{path} has a header row (columns {columns}) but no data rows: add one row per prompt")
     seed_col = _pick(usable_columns, SEED_COLUMNS, None, "seed")
     guidance_col = _pick(usable_columns, GUIDANCE_COLUMNS, None, "guidance")
     id_col = _pick(usable_columns, ID_COLUMNS, None, "id")
     category_col = _pick([c for c in usable_columns if c != prompt_col], CATEGORY_COLUMNS, None, "category")
     used = {prompt_col, seed_col, guidance_col, id_col, category_col}
 
+    raw_ids = [(row.cells.get(id_col, "") if id_col else "").strip() or str(n) for n, row in enumerate(rows)]
+    taken = set(raw_ids)
     records: list[PromptRecord] = []
     unusable: list[tuple[str, str]] = []
+    unusable_lines: list[int] = []
     multiline, defaulted_seed, guidance_far = [], [], []
-    seen_ids: Counter[str] = Counter()
+    seen_ids: set[str] = set()
     renamed: list[tuple[str, str]] = []
-    for row_number, row in enumerate(rows):
-        raw_id = (row.get(id_col, "") if id_col else "").strip() or str(row_number)
-        seen_ids[raw_id] += 1
-        record_id = raw_id if seen_ids[raw_id] == 1 else f"{raw_id}~{seen_ids[raw_id] - 1}"
-        if record_id != raw_id:
+    for row_number, (row, raw_id) in enumerate(zip(rows, raw_ids)):
+        record_id = raw_id
+        if raw_id in seen_ids:  # a unique new id that no row of the file uses
+            k = 1
+            while f"{raw_id}~{k}" in taken:
+                k += 1
+            record_id = f"{raw_id}~{k}"
+            taken.add(record_id)
             renamed.append((raw_id, record_id))
-        text = row.get(prompt_col, "")
+        seen_ids.add(raw_id)
+
+        def reject(reason: str, _id: str = record_id, _line: int = row.line) -> None:
+            unusable.append((_id, reason))
+            unusable_lines.append(_line)
+
+        if row.problem is not None:
+            reject(row.problem)
+            continue
+        id_problem = _id_problem(record_id)
+        if id_problem is not None:
+            reject(id_problem)
+            continue
+        text = row.cells.get(prompt_col, "")
         if "\n" in text or "\r" in text:
             multiline.append(record_id)
             text = " ".join(text.split())
         text = text.strip()
-        if not text:
-            unusable.append((record_id, "empty prompt"))
+        problem = _prompt_problem(text)
+        if problem is not None:
+            reject(problem)
             continue
-        seed_text = (row.get(seed_col, "") if seed_col else "").strip()
+        seed_text = (row.cells.get(seed_col, "") if seed_col else "").strip()
         if seed_text:
             try:
                 seed = _parse_seed(seed_text)
             except ValueError:
-                unusable.append((record_id, f"seed {seed_text!r} is not an integer in [0, 2**64)"))
+                reject(f"seed {seed_text!r} is not an integer in [0, 2**64)")
                 continue
         else:
             seed = default_seed + row_number
+            if seed > MAX_SEED:
+                reject(f"default seed {seed} (default_seed + row number) is >= 2**64; lower default_seed")
+                continue
             if seed_col:
                 defaulted_seed.append(record_id)
-        guidance_text = (row.get(guidance_col, "") if guidance_col else "").strip()
+        guidance_text = (row.cells.get(guidance_col, "") if guidance_col else "").strip()
         if guidance_text:
-            try:
-                guidance = float(guidance_text)
-            except ValueError:
-                guidance = math.nan
-            if not math.isfinite(guidance):
-                unusable.append((record_id, f"guidance {guidance_text!r} is not a finite number"))
+            guidance, problem = _guidance_problem(guidance_text)
+            if problem is not None:
+                reject(problem)
                 continue
         else:
             guidance = float(default_guidance)
         if not USUAL_GUIDANCE_RANGE[0] <= guidance <= USUAL_GUIDANCE_RANGE[1]:
             guidance_far.append(record_id)
-        cat = (row.get(category_col, "") if category_col else "").strip() or None
-        extra = {k: v for k, v in row.items() if k not in used and k not in dropped}
+        cat = (row.cells.get(category_col, "") if category_col else "").strip() or None
+        extra = {k: v for k, v in row.cells.items() if k not in used and k not in dropped}
         records.append(PromptRecord(id=record_id, prompt=text, seed=seed, guidance=guidance, category=cat,
                                     extra=extra))
 
+    if not records:
+        reasons = Counter(why for _, why in unusable).most_common(3)
+        listed = "; ".join(f"{why!r} ({n} row(s), first at line "
+                           f"{unusable_lines[[w for _, w in unusable].index(why)]})" for why, n in reasons)
+        raise ValueError(f"{path}: none of its {len(rows)} data row(s) is usable: {listed}. Fix these rows (the "
+                         f"prompt column is {prompt_col!r}, seed {seed_col!r}, guidance {guidance_col!r}).")
     if category is not None:
         kept = [r for r in records if r.has_category(category)]
         if not kept:
@@ -363,9 +721,11 @@ def load_prompts(
         source=str(source), num_rows=len(rows), num_loaded=len(records),
         column_map={"prompt": prompt_col, "seed": seed_col, "guidance": guidance_col, "id": id_col,
                     "category": category_col},
-        unusable=tuple(unusable), dropped_columns=dropped, duplicated_prompt_ids=tuple(duplicated),
-        identical_request_ids=tuple(identical), renamed_ids=tuple(renamed), over_token_limit_ids=over, guidance_out_of_range_ids=tuple(guidance_far),
-        multiline_ids=tuple(multiline), defaulted_seed_ids=tuple(defaulted_seed), token_check=token_check,
+        unusable=tuple(unusable), unusable_lines=tuple(unusable_lines), dropped_columns=dropped,
+        duplicated_prompt_ids=tuple(duplicated), identical_request_ids=tuple(identical), renamed_ids=tuple(renamed),
+        over_token_limit_ids=over, guidance_out_of_range_ids=tuple(guidance_far), multiline_ids=tuple(multiline),
+        defaulted_seed_ids=tuple(defaulted_seed), token_check=token_check, encoding=used_encoding,
+        delimiter=delimiter,
     )
     _log_report(report)
     name = str(source) if str(source) in SHIPPED_SETS else path.stem
@@ -381,8 +741,9 @@ def _log_report(report: LoadReport) -> None:
     """One warning per kind of problem; prompts are never logged (some sets are explicit), only ids."""
     src = report.source
     if report.unusable:
+        lines = report.unusable_lines or (None,) * report.num_unusable
         log.warning("%s: %d unusable row(s) left out: %s", src, report.num_unusable,
-                    _ids([f"{i} ({why})" for i, why in report.unusable]))
+                    _ids([f"{i} ({why}{f', line {n}' if n else ''})" for (i, why), n in zip(report.unusable, lines)]))
     if report.dropped_columns:
         log.info("%s: ignored stray index column(s) %s", src, list(report.dropped_columns))
     if report.duplicated_prompt_ids:

@@ -153,3 +153,150 @@ def test_txt_and_limit_and_category(tmp_path):
     assert len(picasso) == 20
     with pytest.raises(ValueError, match="no record has category"):
         load_prompts("big_artists", category="nobody", check_tokens=False)
+
+
+# ---- malformed files: each is a clear ValueError naming the file (and line) and the fix, or a reported row ----
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+def test_missing_file_folder_and_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match=r"prompt file '.*nope.csv' does not exist"):
+        load_prompts(str(tmp_path / "nope.csv"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompts(tmp_path / "nope")
+    with pytest.raises(ValueError, match="is a folder"):
+        load_prompts(tmp_path)
+    with pytest.raises(ValueError, match="did you mean 'i2p_sexual'"):
+        load_prompts("i2p_sexaul")
+    with pytest.raises(ValueError, match=r"unknown prompt file type '.json'.*\.csv.*\.txt"):
+        load_prompts(_write(tmp_path, "p.json", '{"prompt": "a cat"}'))
+
+
+@pytest.mark.parametrize("name,data", [("e.csv", b""), ("w.csv", b"  \n\n"), ("e.txt", b""), ("b.txt", b"\n \n\t\n"),
+                                       ("bom.txt", b"\xef\xbb\xbf\n")])
+def test_empty_files_are_errors(tmp_path, name, data):
+    with pytest.raises(ValueError, match=rf"{name} is empty"):
+        load_prompts(_write(tmp_path, name, data))
+
+
+def test_header_without_rows_and_no_usable_row(tmp_path):
+    with pytest.raises(ValueError, match=r"has a header row \(columns \['prompt', 'seed'\]\) but no data rows"):
+        load_prompts(_write(tmp_path, "h.csv", "prompt,seed\n"))
+    with pytest.raises(ValueError, match=r"none of its 3 data row\(s\) is usable: 'empty prompt' \(2 row\(s\), first at "
+                                         r"line 2\); \"seed 'x' is not an integer"):
+        load_prompts(_write(tmp_path, "u.csv", "prompt,seed\n,1\n  ,2\na cat,x\n"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".txt"])
+@pytest.mark.parametrize("codec,expected", [("utf-8-sig", "utf-8-sig"), ("utf-16", "utf-16"), ("utf-16-be", "utf-16"),
+                                            ("utf-32", "utf-32")])
+def test_byte_order_marks_are_honoured(tmp_path, suffix, codec, expected):
+    text = "prompt,seed\na café,3\nein Bär,4\n" if suffix == ".csv" else "a café\nein Bär\n"
+    data = text.encode(codec)
+    if codec == "utf-16-be":
+        data = b"\xfe\xff" + data
+    ps = load_prompts(_write(tmp_path, "p" + suffix, data), check_tokens=False)
+    assert ps.prompts() == ["a café", "ein Bär"]  # no "\ufeff" glued to the first prompt
+    assert ps.report.encoding == expected
+    if suffix == ".csv":
+        assert [r.seed for r in ps] == [3, 4]
+
+
+def test_non_utf8_files_say_how_to_convert(tmp_path):
+    path = _write(tmp_path, "latin.csv", "prompt\na photo\na café au lait\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8: byte 0xe9 at line 3, column 6 \(probably "
+                                         r"Windows-1252 / Latin-1\); save it as UTF-8 \(e.g. `iconv -f WINDOWS-1252.*"
+                                         r"encoding='cp1252'"):
+        load_prompts(path)
+    assert load_prompts(path, encoding="cp1252", check_tokens=False).prompts() == ["a photo", "a café au lait"]
+    with pytest.raises(ValueError, match="unknown encoding 'klingon'"):
+        load_prompts(path, encoding="klingon")
+    with pytest.raises(ValueError, match="UTF-16 without a byte-order mark.*iconv -f UTF-16LE"):
+        load_prompts(_write(tmp_path, "u16.txt", "a cat\na dog\n".encode("utf-16-le")))
+    with pytest.raises(ValueError, match="NUL byte at line 2, column 3: it is not a text file"):
+        load_prompts(_write(tmp_path, "nul.txt", b"a cat\na \x00dog\n"))
+
+
+@pytest.mark.parametrize("name,text,delimiter", [
+    ("semi.csv", "id;prompt;seed\na;a cat, sitting;5\nb;a dog;6\n", ";"),
+    ("tab.csv", "id\tprompt\tseed\na\ta cat, sitting\t5\nb\ta dog\t6\n", "\t"),
+    ("tab.tsv", "id\tprompt\tseed\na\ta cat, sitting\t5\nb\ta dog\t6\n", "\t"),
+    ("excel.csv", "sep=;\nid;prompt;seed\na;a cat, sitting;5\nb;a dog;6\n", ";"),
+])
+def test_other_delimiters_are_read(tmp_path, caplog, name, text, delimiter):
+    with caplog.at_level(logging.WARNING, logger="sage_dist.prompts"):
+        ps = load_prompts(_write(tmp_path, name, text), check_tokens=False)
+    assert [(r.id, r.prompt, r.seed) for r in ps] == [("a", "a cat, sitting", 5), ("b", "a dog", 6)]
+    assert ps.report.delimiter == delimiter
+    if name in ("semi.csv", "tab.csv"):
+        assert "-separated" in caplog.text
+
+
+def test_txt_that_is_a_csv_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"first line 'case_number,prompt,evaluation_seed' is a CSV header.*rename "
+                                         r"the file to \.csv"):
+        load_prompts(_write(tmp_path, "p.txt", "case_number,prompt,evaluation_seed\n0,a cat,1\n"))
+    with pytest.raises(ValueError, match="is a CSV header"):
+        load_prompts(_write(tmp_path, "q.txt", "prompt\na cat\n"))
+    # a prompt with commas is still a prompt
+    assert load_prompts(_write(tmp_path, "r.txt", "a cat, a dog\nprompt engineering, text\n"),
+                        check_tokens=False).prompts() == ["a cat, a dog", "prompt engineering, text"]
+
+
+def test_wrong_column_names_give_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"Columns found: \['Prompt_Text', 'seed'\]; needed: one of \['prompt'.*"
+                                         r"Column 'Prompt_Text' looks like the prompt column: rename it to 'prompt'"):
+        load_prompts(_write(tmp_path, "c.csv", "Prompt_Text,seed\na cat,1\n"))
+    with pytest.raises(ValueError, match="the file has no header: add a first line such as 'prompt,seed'"):
+        load_prompts(_write(tmp_path, "n.csv", "a cat,1\na dog,2\n"))
+    with pytest.raises(ValueError, match=r"the header repeats column\(s\) \['prompt'\] \(line 1\)"):
+        load_prompts(_write(tmp_path, "r.csv", "prompt,prompt\na,b\n"))
+
+
+def test_csv_quoting_problems(tmp_path):
+    ps = load_prompts(_write(tmp_path, "c.csv", "id,prompt\n1,a cat, sitting\n2,a dog\n"), check_tokens=False)
+    assert ps.prompts() == ["a dog"]  # never the silently cut "a cat"
+    (rid, why), = ps.report.unusable
+    assert rid == "1" and "has 3 fields but the header has 2" in why and ps.report.unusable_lines == (2,)
+    with pytest.raises(ValueError, match=r"q.csv, line 3: malformed CSV.*must close it"):
+        load_prompts(_write(tmp_path, "q.csv", 'prompt,seed\na dog,1\n"a cat,2\na cow,3\n'))
+
+
+def test_non_finite_and_out_of_range_numbers_are_unusable_rows(tmp_path):
+    rows = [("a", "ok", "1", "7.5"), ("b", "g nan", "2", "nan"), ("c", "g inf", "3", "inf"),
+            ("d", "g neg", "4", "-7.5"), ("e", "g comma", "5", '"7,5"'), ("f", "s nan", "nan", "7.5"),
+            ("g", "s inf", "inf", "7.5"), ("h", "s neg", "-1", "7.5"), ("i", "s frac", "1.5", "7.5"),
+            ("j", "s big", str(2**64), "7.5"), ("k", "s float", "12.0", "0"), ("l", "ctrl\x07", "6", "7.5")]
+    text = "id,prompt,seed,guidance\n" + "".join(",".join(r) + "\n" for r in rows)
+    ps = load_prompts(_write(tmp_path, "n.csv", text), check_tokens=False)
+    assert [(r.id, r.seed, r.guidance) for r in ps] == [("a", 1, 7.5), ("k", 12, 0.0)]
+    reasons = dict(ps.report.unusable)
+    assert set(reasons) == set("bcdefghijl")
+    assert "not a finite number" in reasons["b"] and "not a finite number" in reasons["c"]
+    assert "negative; classifier-free guidance must be >= 0" in reasons["d"]  # was "kept as written"
+    assert "decimal comma" in reasons["e"]
+    assert all("not an integer in [0, 2**64)" in reasons[k] for k in "fghij")
+    assert "control character U+0007" in reasons["l"]
+    assert ps.report.guidance_out_of_range_ids == ("k",)  # 0 is allowed but unusual
+    assert ps.report.unusable_lines == tuple(range(3, 12)) + (13,)
+
+
+def test_duplicate_ids_stay_unique_and_unsafe_ids_are_rows(tmp_path):
+    ps = load_prompts(_write(tmp_path, "d.csv", "id,prompt\na,p1\na,p2\na~1,p3\n../x,p4\nb/c,p5\n"), check_tokens=False)
+    assert [r.id for r in ps] == ["a", "a~2", "a~1"]
+    assert ps.report.renamed_ids == (("a", "a~2"),)
+    assert [i for i, _ in ps.report.unusable] == ["../x", "b/c"]
+    assert "cannot name an image file" in ps.report.unusable[0][1]
+
+
+def test_bad_arguments(tmp_path):
+    path = _write(tmp_path, "p.txt", "a cat\n")
+    with pytest.raises(ValueError, match="limit=0: must be >= 1"):
+        load_prompts(path, limit=0)
+    with pytest.raises(ValueError, match="default_guidance=nan: must be a finite number >= 0"):
+        load_prompts(path, default_guidance=float("nan"))
+    with pytest.raises(ValueError, match=r"default_seed=-1: must be an integer in \[0, 2\*\*64\)"):
+        load_prompts(path, default_seed=-1)
