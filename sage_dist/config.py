@@ -5,8 +5,10 @@ has a default; the default is the SAGE spec's default (docs/METHOD.md §1.8) whe
 gives one, and every detail the spec marks unknown is a field whose default is the spec's stated default
 and whose alternative reading is another allowed value.
 
-Values are checked in ``__post_init__`` (types, ranges, enumerations), so a bad value fails before any
-model is loaded. Checks that need files (the model folder, the retain set's size) live in
+Values are checked in ``__post_init__``, so a bad value fails before any model is loaded: first every
+field against its annotation (:func:`check_field_types`: ``float`` fields finite real numbers, ``int``
+fields integers, ``bool``, ``str``, ``Literal`` and ``tuple[...]`` fields of their type), then each field's
+range, with a message naming ``section.field`` and what is allowed. Checks that need files (the model folder, the retain set's size) live in
 :func:`sage_dist.train.validate.validate_inputs`, which the entry points call before loading a model.
 
 Overrides use dotted paths: ``StudyConfig().override(["--erase.negative_guidance=2.0"])``.
@@ -15,6 +17,9 @@ Overrides use dotted paths: ``StudyConfig().override(["--erase.negative_guidance
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +29,60 @@ Method = Literal["sage", "esd", "advunlearn", "esd-x"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 
 
+MAX_SEED = 2**32 - 1
+"""Largest ``optim.seed``: per-rank generators are seeded with ``seed * 1_000_003 + rank``, which must stay
+below torch's 2**64 limit."""
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_problem(value: Any, ftype: Any) -> str | None:
+    """What is wrong with ``value`` for annotation ``ftype`` (None: nothing)."""
+    origin = get_origin(ftype)
+    if origin is Literal:
+        return None if value in get_args(ftype) else f"allowed values are {list(get_args(ftype))}"
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return "expected a tuple (e.g. (0, 1)); a string or list is not one"
+        item_type = get_args(ftype)[0]
+        for item in value:
+            problem = _type_problem(item, item_type)
+            if problem is not None:
+                return f"item {item!r}: {problem}"
+        return None
+    if ftype is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if ftype is int:
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "expected an integer"
+    if ftype is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return "expected a number"
+        return None if math.isfinite(value) else "must be a finite number (not nan or inf)"
+    if ftype is str:
+        return None if isinstance(value, str) else "expected a string"
+    raise AssertionError(f"unsupported config field type {ftype}")
+
+
+def check_field_types(section: str, obj: Any) -> None:
+    """Check every field of config dataclass ``obj`` against its annotation (see the module docstring).
+
+    Raises:
+        ValueError: ``"{section}.{field}={value!r}: {what is allowed}"`` for the first field that does not fit.
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        problem = _type_problem(value, hints[f.name])
+        if problem is not None:
+            raise ValueError(f"{section}.{f.name}={value!r}: {problem}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +118,7 @@ class ModelConfig:
     ``enable_gradient_checkpointing``; exact, ~30% slower, much less memory). "auto" = on for SDXL-size UNets."""
 
     def __post_init__(self) -> None:
+        check_field_types("model", self)
         _require(bool(self.model_id.strip()), "model.model_id is empty: give a Hub id, a local folder or 'world'.")
         _require(len(self.train_encoders) >= 1, "model.train_encoders must name at least one encoder, e.g. (0,).")
         _require(all(i in (0, 1) for i in self.train_encoders),
@@ -107,6 +164,7 @@ class EraseConfig:
     """Start noises (trajectories) kept per prompt when ``rollout_cache``; each is run only as deep as asked."""
 
     def __post_init__(self) -> None:
+        check_field_types("erase", self)
         _require(len(self.erase_concept) >= 1, "erase.erase_concept is empty: name at least one concept to erase.")
         for c in self.erase_concept:
             _require(isinstance(c, str) and bool(c.strip()),
@@ -149,11 +207,14 @@ class AttackConfig:
     """AdvUnlearn baseline: number of adversarial prefix tokens (prefix_k)."""
 
     def __post_init__(self) -> None:
+        check_field_types("attack", self)
         _require(self.attack_steps >= 1, f"attack.attack_steps={self.attack_steps}: must be >= 1.")
         _require(self.attack_lr > 0, f"attack.attack_lr={self.attack_lr}: must be > 0.")
         _require(1 <= self.num_random_tokens <= 20, f"attack.num_random_tokens={self.num_random_tokens}: allowed 1..20.")
         _require(1 <= self.num_adv_tokens <= 20, f"attack.num_adv_tokens={self.num_adv_tokens}: allowed 1..20.")
         _require(self.h1_weight >= 0, f"attack.h1_weight={self.h1_weight}: must be >= 0.")
+        _require(bool(self.template_library.strip()),
+                 "attack.template_library is empty: use 'default' or the path of a template file.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +248,7 @@ class RetainConfig:
     """Pooled sentence feature g(·): final-LayerNorm state at EOT, L2-normalised, or mean over tokens (§1.3)."""
 
     def __post_init__(self) -> None:
+        check_field_types("retain", self)
         _require(bool(self.retain_prompts.strip()), "retain.retain_prompts is empty: use 'auto' or a file path.")
         _require(self.retain_batch_size >= 2, f"retain.retain_batch_size={self.retain_batch_size}: must be >= 2.")
         _require(self.top_k >= 1, f"retain.top_k={self.top_k}: must be >= 1.")
@@ -211,9 +273,10 @@ class OptimConfig:
     """Seed of every random draw of the run (rollout noise, timesteps, templates, retain batches)."""
 
     def __post_init__(self) -> None:
+        check_field_types("optim", self)
         _require(self.lr > 0, f"optim.lr={self.lr}: the learning rate must be > 0 (e.g. 1e-5).")
         _require(self.num_steps >= 1, f"optim.num_steps={self.num_steps}: must be >= 1.")
-        _require(self.seed >= 0, f"optim.seed={self.seed}: must be >= 0.")
+        _require(0 <= self.seed <= MAX_SEED, f"optim.seed={self.seed}: allowed 0..{MAX_SEED} (2**32 - 1).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +291,7 @@ class ScalingConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
 
     def __post_init__(self) -> None:
+        check_field_types("scaling", self)
         _require(self.num_workers >= 1, f"scaling.num_workers={self.num_workers}: must be >= 1.")
         _require(self.cpus_per_worker > 0, f"scaling.cpus_per_worker={self.cpus_per_worker}: must be > 0.")
         _require(self.checkpoint_every >= 0, f"scaling.checkpoint_every={self.checkpoint_every}: must be >= 0.")
@@ -243,7 +307,10 @@ class TrackingConfig:
     """Log losses every N steps."""
 
     def __post_init__(self) -> None:
+        check_field_types("tracking", self)
         _require(self.log_every >= 1, f"tracking.log_every={self.log_every}: must be >= 1.")
+        _require(bool(self.experiment_name.strip()),
+                 "tracking.experiment_name is empty: give an MLflow experiment name, e.g. sage_dist.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +331,10 @@ class StudyConfig:
     """MLflow tracking."""
 
     def __post_init__(self) -> None:
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            _require(isinstance(value, _section_class(section.name)),
+                     f"{section.name}={value!r}: expected a {_section_class(section.name).__name__}.")
         if self.erase.warmup_steps > self.optim.num_steps:
             raise ValueError(
                 f"erase.warmup_steps={self.erase.warmup_steps} exceeds optim.num_steps={self.optim.num_steps}: "
@@ -379,14 +450,23 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
     if ftype is int:
         if isinstance(value, bool):
             raise ValueError(f"{key}={value!r}: expected an integer")
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        text = value.strip() if isinstance(value, str) else value
         try:
-            as_float = float(value)
+            return int(text)  # exact for any size ("18446744073709551615")
+        except (TypeError, ValueError):
+            pass
+        try:
+            as_float = float(text)
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r}: expected an integer") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ValueError(f"{key}={value!r}: expected an integer")
         return int(as_float)
     if ftype is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected a number")
         try:
             return float(value)
         except (TypeError, ValueError):
