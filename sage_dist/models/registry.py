@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +83,51 @@ def looks_like_local_path(model_id: str) -> bool:
             or model_id.count("/") != 1 and model_id not in BUILTIN_IDS)
 
 
+MODEL_WEIGHT_NAMES: tuple[str, ...] = ("diffusion_pytorch_model", "model", "pytorch_model")
+"""Stems of the weight files diffusers (first) and transformers save: ``<stem>[.<variant>].safetensors`` or
+``.bin``, or a sharded ``<stem>[.<variant>].safetensors.index.json`` / ``.bin.index.json``."""
+_WEIGHT_FILE = re.compile(r"^(?:%s)(?:\.[\w-]+)?\.(?:safetensors|bin)(?:\.index\.json)?$" % "|".join(MODEL_WEIGHT_NAMES))
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _component_problem(folder: Path, class_name: str) -> str | None:
+    """What a component folder of a pipeline lacks for ``from_pretrained`` (None: it looks complete)."""
+    files = {p.name: p for p in folder.iterdir() if p.is_file()}
+    if class_name.endswith(("Tokenizer", "TokenizerFast")):
+        needed = ("tokenizer_config.json", "vocab.json", "tokenizer.json", "spiece.model")
+        return None if any(n in files for n in needed) else f"no tokenizer files (one of {list(needed)})"
+    if "Scheduler" in class_name:
+        return None if "scheduler_config.json" in files else "no scheduler_config.json"
+    if class_name.endswith(("FeatureExtractor", "ImageProcessor", "Processor")):
+        return None if "preprocessor_config.json" in files else "no preprocessor_config.json"
+    if "config.json" not in files:
+        return "no config.json"
+    weights = [p for name, p in files.items() if _WEIGHT_FILE.match(name)]
+    if not weights:
+        return ("no weights file (diffusion_pytorch_model.safetensors / .bin for diffusers models, "
+                "model.safetensors / pytorch_model.bin for transformers models)")
+    for w in weights:
+        size = w.stat().st_size
+        if size == 0:
+            return f"{w.name} is empty (0 bytes; an interrupted download or copy)"
+        if size < 1024 and w.read_bytes().startswith(_LFS_POINTER):
+            return f"{w.name} is a Git LFS pointer, not the weights (run `git lfs pull` in the model repository)"
+    return None
+
+
 def check_model_source(model_id: str) -> None:
     """Cheap check, before anything is loaded, that ``model_id`` can be a text-to-image pipeline.
 
+    A local folder must hold a readable ``model_index.json``, a ``text_encoder/`` folder, and for every
+    component that ``model_index.json`` names a folder with what ``from_pretrained`` reads: ``config.json``
+    and a weights file for models (see :data:`MODEL_WEIGHT_NAMES`; not empty, not a Git LFS pointer),
+    ``scheduler_config.json`` for schedulers, tokenizer files for tokenizers, ``preprocessor_config.json``
+    for feature extractors. Only file names and sizes are read.
+
     Raises:
-        ValueError: the folder does not exist, is not a diffusers pipeline folder, has no text encoder, or a
-            component folder named in ``model_index.json`` is missing; or the bundled world's weights are missing.
+        ValueError: naming the folder and the fix: the folder does not exist, is not a diffusers pipeline
+            folder, has no text encoder, a component folder named in ``model_index.json`` is missing or
+            incomplete; or the bundled world's weights are missing.
     """
     if model_id in TINY_IDS:
         return
@@ -115,12 +155,24 @@ def check_model_source(model_id: str) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--model {model_id!r}: {index} is not valid JSON ({err}); re-save the pipeline with "
                          "pipe.save_pretrained(folder).") from err
-    missing = [name for name, value in components.items()
-               if not name.startswith("_") and isinstance(value, list) and value[0] is not None
-               and not (path / name).is_dir()]
+    if not isinstance(components, dict):
+        raise ValueError(f"--model {model_id!r}: {index} is not a JSON object of components; re-save the pipeline "
+                         "with pipe.save_pretrained(folder).")
+    named = {name: value for name, value in components.items()
+             if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None}
+    missing = [name for name in named if not (path / name).is_dir()]
     if missing:
         raise ValueError(f"--model {model_id!r}: {path} is a partial pipeline folder: model_index.json names "
                          f"{missing} but those folders are missing; copy the whole pipeline or re-save it with "
+                         "pipe.save_pretrained(folder).")
+    incomplete = []
+    for name, (_library, class_name) in named.items():
+        problem = _component_problem(path / name, str(class_name))
+        if problem is not None:
+            incomplete.append(f"{name}/ ({class_name}): {problem}")
+    if incomplete:
+        raise ValueError(f"--model {model_id!r}: {path} is a partial pipeline folder: " + "; ".join(incomplete)
+                         + ". Copy the missing files from the original pipeline or re-save it with "
                          "pipe.save_pretrained(folder).")
 
 
