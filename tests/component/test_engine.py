@@ -310,7 +310,7 @@ def _small_retain(tmp_path):
 
 def test_long_retain_prompts_warn_once(tmp_path):
     path = tmp_path / "long.txt"
-    path.write_text("\n".join(["a photo of a chair"] * 3 + ["word " * 100, "thing " * 90]))
+    path.write_text("\n".join([f"a photo of a chair {i}" for i in range(3)] + ["word " * 100, "thing " * 90]))
     with pytest.warns(UserWarning, match="2 retain prompts exceed 77 CLIP tokens"):
         validate_inputs(tiny_config(**{"retain.retain_prompts": str(path), "retain.retain_batch_size": 4}))
 
