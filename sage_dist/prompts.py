@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 CLIP_MAX_TOKENS = 77
 """CLIP's context length, start and end tokens included."""
 USUAL_GUIDANCE_RANGE = (1.0, 30.0)
-"""Guidance values outside this closed range are kept but reported (I2P has values up to 255)."""
+"""Guidance values >= 0 outside this closed range are kept but reported (I2P has values up to 255; below 1,
+diffusers turns classifier-free guidance off). Negative values are unusable rows."""
 DEFAULT_GUIDANCE = 7.5
 """Guidance for files without a guidance column (SD's default; the spec's COCO and object protocols)."""
 MAX_SEED = 2**64 - 1
@@ -164,6 +165,7 @@ class LoadReport:
         return {
             "source": self.source, "num_rows": self.num_rows, "num_loaded": self.num_loaded,
             "num_unusable": self.num_unusable, "unusable": [list(u) for u in self.unusable],
+            "unusable_lines": list(self.unusable_lines),
             "num_duplicated_prompts": len(self.duplicated_prompt_ids),
             "num_identical_requests": len(self.identical_request_ids), "num_renamed_ids": len(self.renamed_ids),
             "num_over_77_tokens": len(self.over_token_limit_ids),
@@ -387,6 +389,9 @@ def _read_text(path: Path, encoding: str | None) -> tuple[str, str]:
             if codec != "utf-8-sig":
                 log.warning("%s: read as %s (it has a %s byte-order mark); UTF-8 is preferred", path, name, name)
             return text.removeprefix("\ufeff"), codec
+    if data.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+        raise ValueError(f"{path} is a spreadsheet or archive (an Excel workbook?), not a text file; export it as "
+                         "'CSV UTF-8' (one row per prompt, a 'prompt' column)")
     if b"\x00" in data:
         even, odd = data[0::2].count(0), data[1::2].count(0)
         if max(even, odd) > len(data) // 4:

@@ -218,6 +218,8 @@ def test_non_utf8_files_say_how_to_convert(tmp_path):
         load_prompts(_write(tmp_path, "u16.txt", "a cat\na dog\n".encode("utf-16-le")))
     with pytest.raises(ValueError, match="NUL byte at line 2, column 3: it is not a text file"):
         load_prompts(_write(tmp_path, "nul.txt", b"a cat\na \x00dog\n"))
+    with pytest.raises(ValueError, match=r"is a spreadsheet or archive \(an Excel workbook\?\).*'CSV UTF-8'"):
+        load_prompts(_write(tmp_path, "book.csv", b"PK\x03\x04\x14\x00\x06\x00[Content_Types].xml"))
 
 
 @pytest.mark.parametrize("name,text,delimiter", [
