@@ -308,7 +308,8 @@ def _cmd_erase(args: argparse.Namespace, overrides: list[str]) -> int:
     out: Path = args.out
     interval = checkpoint_policy(args, overrides)
     resume_from = plan_out(args, cfg)
-    validate_inputs(cfg)  # before the MLflow run exists: bad input never leaves a failed run behind
+    if cfg.tracking.tracking_uri:
+        validate_inputs(cfg)  # before the MLflow run exists: bad input never leaves a failed run behind
     tracker = start_tracking(cfg, out, resume_from)
     argv = getattr(args, "argv", None) or sys.argv[1:]
     checkpoints = out / "checkpoints"

@@ -230,6 +230,18 @@ def test_erase_logs_params_metrics_and_artifacts_to_mlflow(tmp_path, capsys):
     assert same_tensors(load_file(Path(local) / "model.safetensors"), encoder_tensors(out))
 
 
+def test_bad_input_with_tracking_leaves_no_mlflow_run(tmp_path, capsys, no_model_loads):
+    from sage_dist.tracking.mlflow_tracker import search_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    retain = tmp_path / "retain.txt"
+    retain.write_text("a photo of a chair\n")
+    assert main(erase_args(tmp_path / "run", 4, f"--tracking.tracking_uri={uri}",
+                           f"--retain.retain_prompts={retain}")) == 2
+    assert "retain" in capsys.readouterr().err
+    assert search_runs(uri, "sage_dist") == []
+
+
 def test_unreachable_tracking_server_fails_before_any_model_loads(tmp_path, capsys, no_model_loads):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
