@@ -288,7 +288,8 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per Train worker (fractions allowed on small machines)."""
     checkpoint_every: int = 0
-    """Save a checkpoint every N steps (0: only at the end)."""
+    """Save a checkpoint every N steps (0: only at the end). ``sage-dist erase`` without this field checkpoints
+    after every 10 minutes of training instead, and on SIGINT/SIGTERM always (``sage-dist erase --help``)."""
 
     def __post_init__(self) -> None:
         check_field_types("scaling", self)

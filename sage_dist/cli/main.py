@@ -14,6 +14,7 @@ an unknown key or a bad value is an error naming the field and what is allowed.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -32,9 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sage-dist`` console script."""
+    """Entry point of the ``sage-dist`` console script.
+
+    Returns the exit status: 0 success; 2 bad input or an unreachable tracking server (a message, no
+    traceback; ``-v`` shows it); 1 a full disk (the message says what is intact); 130 / 143 interrupted
+    (``erase`` saves a checkpoint first and prints how to resume).
+    """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if extra and not getattr(args, "accepts_overrides", False):
@@ -43,11 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "accepts_overrides", False):
             return int(args.func(args, extra) or 0)
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+    except (ValueError, FileExistsError, FileNotFoundError, ConnectionError) as err:  # bad input: a message
         if args.verbose:
             raise
         print(f"sage-dist {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or args.verbose:
+            raise
+        print(f"sage-dist {args.command}: error: {err.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"sage-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -18,15 +18,18 @@ Open the UI on what was logged (printed by every study, see :func:`ui_instructio
     mlflow ui --backend-store-uri sqlite:///$HOME/.sage_dist/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 Errors: :func:`check_tracking_reachable` raises ``ConnectionError`` at start when a server does not answer,
-``ValueError`` for a malformed URI or an unwritable SQLite folder.
+``ValueError`` for a malformed URI or an unwritable SQLite folder. :class:`BackgroundTracker` sends a run's
+records from a thread and retries them, so a server that fails mid-run never stops the training.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +99,10 @@ def resolve_tracking(uri: str = "") -> TrackingTarget:
                      "(an `mlflow server`); file stores (./mlruns) are refused by MLflow 3.17")
 
 
-def check_tracking_reachable(target: TrackingTarget, *, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any trial starts, when runs could not be logged.
+def check_tracking_reachable(target: TrackingTarget, *, timeout_s: float = 5.0, flag: str = "--tracking-uri",
+                             without: str = "log to a local SQLite file") -> None:
+    """Fail fast, before any trial starts, when runs could not be logged. ``flag`` names the option that
+    set the URI and ``without`` what dropping it does, for the error message.
 
     Raises:
         ConnectionError: the server does not answer within ``timeout_s`` (names the URI and how to start one).
@@ -122,7 +127,7 @@ def check_tracking_reachable(target: TrackingTarget, *, timeout_s: float = 5.0) 
     except requests.RequestException as err:
         raise ConnectionError(
             f"MLflow server {target.tracking_uri} is not reachable ({type(err).__name__}); start one with "
-            f"`mlflow server --host 127.0.0.1 --port 5000` or drop --tracking-uri to log to a local SQLite file"
+            f"`mlflow server --host 127.0.0.1 --port 5000` or drop {flag} to {without}"
         ) from err
     if response.status_code != 200:
         raise ConnectionError(f"MLflow server {target.tracking_uri} answered HTTP {response.status_code} to {url}; "
@@ -197,6 +202,9 @@ class NullTracker:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         pass
 
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
@@ -205,6 +213,9 @@ class NullTracker:
 
     def end(self, status: RunStatus = "FINISHED", reason: str = "") -> None:
         pass
+
+    def close(self, timeout_s: float = 0.0) -> bool:
+        return True
 
 
 class MlflowTracker:
@@ -281,6 +292,10 @@ class MlflowTracker:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """One file as an artifact (under ``artifact_path`` when given)."""
+        self._client.log_artifact(self.run_id, str(local_path), artifact_path)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)
 
@@ -293,6 +308,177 @@ class MlflowTracker:
         if reason:
             self.set_tags({"failure_reason": reason})
         self._client.set_terminated(self.run_id, status=status)
+
+    def close(self, timeout_s: float = 0.0) -> bool:
+        """Nothing is pending (every call above is synchronous); returns True."""
+        return True
+
+
+def limit_http_retries(max_retries: int = 2) -> None:
+    """Cap MLflow's own retries of one HTTP request (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7: about four
+    minutes per request against a server that is down) unless the environment sets them, and silence urllib3's
+    warning per retry. For processes whose MLflow calls go through :class:`BackgroundTracker`, which retries on
+    its own without limit and reports failures itself; both settings are process-wide."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _short_error(err: BaseException, limit: int = 300) -> str:
+    """``Type: message``, its middle elided when long (MLflow's messages end with the root cause)."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
+
+
+class BackgroundTracker:
+    """A tracker's calls sent from a background thread, in order, each retried until it succeeds: a tracking
+    server that is slow, restarts or goes down never slows or stops the caller (the training loop).
+
+    Every method of :class:`MlflowTracker` queues its call and returns at once. A failing call is retried with
+    a backoff of 1, 2, 4 ... 60 s; the first failure is logged as a warning and the recovery as another. At most
+    ``max_pending`` calls wait: beyond that the oldest ``log_metrics`` calls are dropped (counted in the
+    warning of :meth:`close`), never params, tags, artifacts or the end of the run.
+
+    Example::
+
+        tracker = BackgroundTracker(MlflowTracker.start(target, experiment_id, run_name="erase", tags={}))
+        tracker.log_metrics({"loss": 0.1}, step=0)      # returns at once
+        tracker.end("FINISHED")
+        tracker.close(timeout_s=30)                      # waits for the queue, gives up on a dead server
+    """
+
+    RETRY_MAX_S = 60.0
+    """Longest wait between two attempts of a failing call, seconds."""
+
+    def __init__(self, tracker, *, max_pending: int = 100_000):
+        self._tracker = tracker
+        self.run_id = tracker.run_id
+        self.max_pending = max_pending
+        self._queue: collections.deque[tuple[str, tuple]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._abandoned = False
+        self._failing_since: float | None = None
+        self._last_error = ""
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._send_loop, name="sage-dist-tracking", daemon=True)
+        self._thread.start()
+
+    @property
+    def target(self) -> str:
+        return getattr(self._tracker, "tracking_uri", type(self._tracker).__name__)
+
+    # ---- the tracker interface (queued) ---------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put("log_metrics", dict(metrics), step)
+
+    def log_params(self, params: dict) -> None:
+        self._put("log_params", dict(params))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._put("set_tags", dict(tags))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self._put("log_artifacts", local_dir, artifact_path)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._put("log_artifact", local_path, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._put("log_text", text, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        self._put("log_image", image, artifact_file)
+
+    def end(self, status: RunStatus = "FINISHED", reason: str = "") -> None:
+        self._put("end", status, reason)
+
+    @property
+    def pending(self) -> int:
+        """Calls not sent yet."""
+        with self._cond:
+            return len(self._queue)
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued call is sent and stop the thread; returns True when all were sent.
+
+        Waits as long as the server answers (large artifacts take their time); once calls fail, waits at most
+        ``timeout_s`` seconds more, then gives up: returns False after a warning that names the server, the
+        last error and what was not logged. Calls queued after ``close`` are not sent.
+        """
+        t_close = time.monotonic()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._queue:
+                failing = self._failing_since
+                if failing is not None and time.monotonic() - max(failing, t_close) >= timeout_s:
+                    kinds = collections.Counter(name for name, _ in self._queue)
+                    self._abandoned = True
+                    self._cond.notify_all()
+                    log.warning("MLflow %s did not answer for %g s (%s): %s not logged; the run's outputs and "
+                                "record.json are complete without it", self.target, timeout_s, self._last_error,
+                                self._describe(kinds))
+                    return False
+                self._cond.wait(timeout=0.2)
+        self._thread.join(timeout=5.0)
+        if self._dropped:
+            log.warning("MLflow %s: %d early log_metrics calls were dropped while the server was down "
+                        "(record.json holds every step)", self.target, self._dropped)
+        return not self._dropped
+
+    # ---- the sending thread ----------------------------------------------------------------------------
+    def _put(self, name: str, *args) -> None:
+        with self._cond:
+            if self._closing:
+                log.warning("MLflow %s: %s after close() is not sent", self.target, name)
+                return
+            if len(self._queue) >= self.max_pending:
+                for i, (queued, _) in enumerate(self._queue):
+                    if queued == "log_metrics":
+                        del self._queue[i]
+                        self._dropped += 1
+                        break
+            self._queue.append((name, args))
+            self._cond.notify_all()
+
+    def _send_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if self._abandoned or not self._queue:
+                    return
+                name, args = self._queue[0]
+            try:
+                getattr(self._tracker, name)(*args)
+            except Exception as err:  # any failure of the server or the network: keep the call, retry later
+                with self._cond:
+                    self._last_error = _short_error(err)
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                        log.warning("MLflow %s: %s failed (%s); training goes on, %d pending records are kept and "
+                                    "retried", self.target, name, self._last_error, len(self._queue))
+                    failed_at = time.monotonic()
+                    while not self._abandoned:  # new calls must not cut the backoff short; close() shortens it
+                        wait = (min(backoff, 2.0) if self._closing else backoff) - (time.monotonic() - failed_at)
+                        if wait <= 0:
+                            break
+                        self._cond.wait(timeout=wait)
+                    backoff = min(2 * backoff, self.RETRY_MAX_S)
+                continue
+            with self._cond:
+                self._queue.popleft()
+                if self._failing_since is not None:
+                    log.warning("MLflow %s answers again after %.0f s; sending %d pending records", self.target,
+                                time.monotonic() - self._failing_since, len(self._queue))
+                self._failing_since = None
+                backoff = 1.0
+                self._cond.notify_all()
+
+    @staticmethod
+    def _describe(kinds: collections.Counter) -> str:
+        return ", ".join(f"{n} {name} call{'s' if n > 1 else ''}" for name, n in kinds.items())
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:

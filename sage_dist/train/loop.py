@@ -1,5 +1,12 @@
 """The single-process erasure loop: validate, load, train, checkpoint, save (docs/METHOD.md "Warm-up", §7).
 
+Checkpoints (``sage_dist/train/checkpoint.py``, each written atomically) come every
+``scaling.checkpoint_every`` steps, and with ``checkpoint_interval_s`` also after the first step that ends that
+many seconds after the previous checkpoint (or the start); ``keep_checkpoints`` bounds how many stay on disk.
+``stop_requested`` (e.g. set by a SIGINT handler) ends the run after the current step with a checkpoint of
+the completed steps and :class:`TrainingInterrupted`. The final outputs are written into a staging folder and
+moved into place only when complete, so a failed save never damages what ``out_dir`` held before.
+
 Tiny CPU run (seconds)::
 
     python -c "from sage_dist.config import *; from sage_dist.train.loop import run_erasure; \
@@ -28,11 +35,34 @@ from tqdm.auto import tqdm
 from sage_dist.config import StudyConfig
 from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
 from sage_dist.tracking import NullTracker
-from sage_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from sage_dist.train.checkpoint import (
+    checkpoint_name,
+    ensure_writable_folder,
+    load_checkpoint,
+    prune_checkpoints,
+    publish_entries,
+    save_checkpoint,
+)
 from sage_dist.train.step import Eraser
 from sage_dist.train.validate import validate_inputs
 
 log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("text_encoder", "text_encoder_2", "unet", "record.json")
+"""What :func:`save_outputs` writes into ``out_dir``; ``record.json`` is moved in last and marks a finished run."""
+
+
+class TrainingInterrupted(Exception):
+    """``stop_requested`` ended :func:`run_erasure` early."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step = step
+        """Completed steps (the checkpoint holds the state after them)."""
+        self.checkpoint = checkpoint
+        """The checkpoint of the completed steps, or None (no step had run in this process, or no
+        ``checkpoint_dir``)."""
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"interrupted after {step} completed steps{where}")
 
 
 @dataclass
@@ -69,47 +99,75 @@ def package_versions() -> dict[str, str]:
 def save_outputs(out_dir: str | Path, result: ErasureResult, cfg: StudyConfig) -> Path:
     """Save each trained encoder with ``save_pretrained`` (safetensors) as ``text_encoder/`` (and
     ``text_encoder_2/``; ESD-x: ``unet/``), plus ``record.json`` (config, seed, versions, per-step losses,
-    wall time)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for e, enc in result.text_encoders.items():
-        enc.save_pretrained(out / ("text_encoder" if e == 0 else "text_encoder_2"), safe_serialization=True)
-    if result.unet is not None:
-        result.unet.save_pretrained(out / "unet", safe_serialization=True)
+    wall time). Everything is written into a staging folder first and then moved into place, replacing any
+    earlier run's :data:`OUTPUT_NAMES` (other files in ``out_dir``, such as ``checkpoints/``, are kept).
+
+    Raises:
+        ValueError: ``out_dir`` cannot be created or written.
+        OSError: the write failed (a full disk says so); ``out_dir`` is then unchanged.
+    """
+    out = ensure_writable_folder(out_dir, "output folder")
     record = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_flat_dict().items()},
               "seed": cfg.optim.seed, "versions": package_versions(), "wall_time_s": result.wall_time_s,
               "history": result.history, "attacks": result.attack_log}
-    (out / "record.json").write_text(json.dumps(record, indent=1))
-    return out
+
+    def write(folder: Path) -> None:
+        for e, enc in result.text_encoders.items():
+            enc.save_pretrained(folder / ("text_encoder" if e == 0 else "text_encoder_2"), safe_serialization=True)
+        if result.unet is not None:
+            result.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        (folder / "record.json").write_text(json.dumps(record, indent=1))
+
+    return publish_entries(out, write, names=OUTPUT_NAMES, what=f"the outputs to {out}",
+                           intact=f"nothing in {out} was replaced")
 
 
 def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=None, rank: int = 0,
                 world_size: int = 1, wrap_trainable: Callable | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
                 on_checkpoint: Callable[[int, Path], None] | None = None, checkpoint_dir: str | Path | None = None,
+                checkpoint_interval_s: float | None = None, keep_checkpoints: int | None = None,
+                stop_requested: Callable[[], bool] | None = None,
                 resume_from: str | Path | None = None, progress: bool = True, pipe=None) -> ErasureResult:
     """Erase ``cfg.erase.erase_concept`` from ``cfg.model.model_id`` by training its text encoder(s).
 
     Args:
         cfg: the study configuration (validated by its dataclasses; files checked here before loading).
-        out_dir: where rank 0 saves the encoder(s) and ``record.json``; None saves nothing.
+        out_dir: where rank 0 saves the encoder(s) and ``record.json`` (:func:`save_outputs`); None saves
+            nothing. Checked for writability before any model loads.
         tracker: receives per-step metrics on rank 0 (default :class:`NullTracker`).
         rank, world_size: data-parallel position (Ray Train); 0 / 1 for a single process.
         wrap_trainable: e.g. ``ray.train.torch.prepare_model`` (DDP) applied to the trainable encoders.
         on_step: called after every step with ``(step, metrics)`` (all ranks).
         on_checkpoint: called with ``(completed_steps, folder)`` after each checkpoint (all ranks write to
             their own ``checkpoint_dir``; only rank 0's matters since encoders are synchronised).
-        checkpoint_dir: folder for checkpoints every ``cfg.scaling.checkpoint_every`` steps.
+        checkpoint_dir: folder for checkpoints (``step_N``, N completed steps) every
+            ``cfg.scaling.checkpoint_every`` steps.
+        checkpoint_interval_s: also checkpoint after the first step that ends this many seconds (wall time)
+            after the previous checkpoint or the start; None: steps only.
+        keep_checkpoints: after each checkpoint, delete every checkpoint in ``checkpoint_dir`` but the
+            latest ``keep_checkpoints`` this run wrote (earlier runs' are deleted too; >= 1); None keeps all.
+        stop_requested: polled after each step; when it returns True the run writes a checkpoint of the
+            completed steps (if ``checkpoint_dir`` is set) and raises :class:`TrainingInterrupted`. A request
+            during the last step lets the run finish and save normally.
         resume_from: a checkpoint folder to continue from (same config).
         progress: tqdm bar on rank 0.
         pipe: an already loaded pipeline (skips loading; must match ``cfg.model``).
     Returns:
         :class:`ErasureResult`.
     Raises:
-        ValueError: bad input (before any model is loaded).
+        ValueError: bad input, an unwritable ``out_dir`` or ``checkpoint_dir`` (before any model is loaded).
         FloatingPointError: a loss became NaN/inf.
+        TrainingInterrupted: ``stop_requested`` returned True.
+        OSError: a checkpoint or the outputs could not be written (the message names what is intact).
     """
     retain_prompts = validate_inputs(cfg)
+    if out_dir is not None and rank == 0:
+        ensure_writable_folder(out_dir, "output folder")
+    checkpointing = bool(cfg.scaling.checkpoint_every) or checkpoint_interval_s is not None or \
+        stop_requested is not None
+    if checkpoint_dir is not None and checkpointing:
+        ensure_writable_folder(checkpoint_dir, "checkpoint folder")
     torch.set_flush_denormal(True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 trainable encoder on Ampere+ GPUs
@@ -135,7 +193,23 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
                  "%d retain prompts", cfg.erase.erase_concept, cfg.model.model_id, cfg.erase.method,
                  cfg.optim.num_steps, cfg.erase.warmup_steps, cfg.attack.attack_steps, world_size, n_params,
                  len(retain_prompts))
-    t0 = time.perf_counter()
+
+    written: list[Path] = []
+
+    def checkpoint(done: int) -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        folder = save_checkpoint(Path(checkpoint_dir) / checkpoint_name(done), eraser, step=done, history=history)
+        written.append(folder)
+        if keep_checkpoints is not None:
+            prune_checkpoints(checkpoint_dir, keep=written[-keep_checkpoints:])
+        if on_checkpoint is not None:
+            on_checkpoint(done, folder)
+        return folder
+
+    if stop_requested is not None and stop_requested() and start < cfg.optim.num_steps:
+        raise TrainingInterrupted(start, None)
+    t0 = last_checkpoint_t = time.perf_counter()
     bar = tqdm(range(start, cfg.optim.num_steps), disable=not progress or rank != 0, desc="erase", unit="step")
     every = cfg.scaling.checkpoint_every
     for step in bar:
@@ -148,10 +222,17 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
         if on_step is not None:
             on_step(step, metrics)
         done = step + 1
-        if every and done % every == 0 and done < cfg.optim.num_steps and checkpoint_dir is not None:
-            folder = save_checkpoint(Path(checkpoint_dir) / f"step_{done:06d}", eraser, step=done, history=history)
-            if on_checkpoint is not None:
-                on_checkpoint(done, folder)
+        if done == cfg.optim.num_steps:
+            break
+        saved = None
+        due_by_time = checkpoint_interval_s is not None and \
+            time.perf_counter() - last_checkpoint_t >= checkpoint_interval_s
+        if (every and done % every == 0) or due_by_time:
+            saved = checkpoint(done)
+            last_checkpoint_t = time.perf_counter()
+        if stop_requested is not None and stop_requested():
+            bar.close()
+            raise TrainingInterrupted(done, saved or checkpoint(done))
     wall = time.perf_counter() - t0
     encoders = {e: eraser.conditioner.trained_encoder(e) for e in eraser.conditioner.train_encoders}
     result = ErasureResult(encoders, history, wall, None,

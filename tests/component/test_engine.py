@@ -237,6 +237,50 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
                     progress=False, resume_from=ckpt)
 
 
+def test_stop_request_checkpoints_the_completed_steps_and_resume_matches(tmp_path):
+    from sage_dist.train.loop import TrainingInterrupted
+
+    cfg = tiny_config(**{"optim.num_steps": 6, "erase.warmup_steps": 2, "attack.reinit": "latest"})
+    full = run_erasure(cfg, progress=False)
+    steps = []
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_erasure(cfg, progress=False, checkpoint_dir=tmp_path / "ck", on_step=lambda s, m: steps.append(s),
+                    stop_requested=lambda: len(steps) >= 4)
+    assert stopped.value.step == 4 and stopped.value.checkpoint == tmp_path / "ck" / "step_000004"
+    resumed = run_erasure(cfg, progress=False, resume_from=stopped.value.checkpoint)
+    a, b = full.text_encoders[0].state_dict(), resumed.text_encoders[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingInterrupted) as before_start:  # a request while loading: nothing to save
+        run_erasure(cfg, progress=False, checkpoint_dir=tmp_path / "ck2", stop_requested=lambda: True)
+    assert before_start.value.step == 0 and before_start.value.checkpoint is None
+    steps.clear()  # a request during the last step lets the run finish and save
+    done = run_erasure(cfg, progress=False, out_dir=tmp_path / "out", on_step=lambda s, m: steps.append(s),
+                       stop_requested=lambda: len(steps) >= 6)
+    assert len(done.history) == 6 and (tmp_path / "out" / "record.json").is_file()
+
+
+def test_time_based_checkpoints_keep_only_the_latest_of_this_run(tmp_path):
+    stale = tmp_path / "ck" / "step_000900"  # an abandoned run's checkpoint with a higher step number
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text("{}")
+    seen = []
+    run_erasure(tiny_config(), progress=False, checkpoint_dir=tmp_path / "ck", checkpoint_interval_s=0.0,
+                keep_checkpoints=1, on_checkpoint=lambda done, folder: seen.append(done))
+    assert seen == [1, 2, 3]  # after every step but the last (the outputs follow it)
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_000003"]
+
+
+def test_unwritable_out_dir_fails_before_model_work(tmp_path, monkeypatch):
+    import sage_dist.train.loop as loop
+
+    monkeypatch.setattr(loop, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="output folder .*file/out: cannot create or write this folder"):
+        run_erasure(tiny_config(), out_dir=tmp_path / "file" / "out")
+    with pytest.raises(ValueError, match="checkpoint folder .* is a file, not a folder"):
+        run_erasure(tiny_config(**{"scaling.checkpoint_every": 2}), checkpoint_dir=tmp_path / "file")
+
+
 def test_outputs_load_with_from_pretrained_and_swap_into_pipeline(tmp_path):
     from transformers import CLIPTextModel
 

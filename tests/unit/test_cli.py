@@ -56,3 +56,38 @@ def test_erase_then_generate_end_to_end(tmp_path, capsys):
 
     width, height = Image.open(grid).size  # 2 prompts as columns, rows original and erased, labelled
     assert width > 2 * 128 and height > 2 * 128
+
+
+def test_resume_command_replaces_any_resume_flag():
+    from pathlib import Path
+
+    from sage_dist.cli.erase import resume_command
+
+    ckpt = Path("runs/my run/checkpoints/step_000040")
+    for argv in (["erase", "--out", "runs/my run"], ["erase", "--out", "runs/my run", "--resume"],
+                 ["erase", "--resume-from", "old", "--out", "runs/my run"],
+                 ["erase", "--resume-from=old", "--out", "runs/my run"]):
+        assert resume_command(argv, ckpt) == \
+            "sage-dist erase --out 'runs/my run' --resume-from 'runs/my run/checkpoints/step_000040'"
+
+
+def test_checkpoint_policy_is_automatic_unless_checkpoint_every_is_given():
+    from sage_dist.cli.erase import AUTO_CHECKPOINT_INTERVAL_S, checkpoint_policy
+
+    assert AUTO_CHECKPOINT_INTERVAL_S == 600.0
+    assert checkpoint_policy(_args(), []) == AUTO_CHECKPOINT_INTERVAL_S
+    assert checkpoint_policy(_args(model="tiny-sd"), ["--optim.lr=1e-4"]) == AUTO_CHECKPOINT_INTERVAL_S
+    assert checkpoint_policy(_args(), ["--scaling.checkpoint_every=0"]) is None
+    assert checkpoint_policy(_args(), ["--scaling.checkpoint_every", "50"]) is None
+
+
+def test_erase_help_documents_out_checkpoints_interrupts_and_tracking(capsys):
+    with pytest.raises(SystemExit):
+        main(["erase", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for rule in ("--overwrite", "--resume", "10 minutes after the start or the previous checkpoint",
+                 "--scaling.checkpoint_every=N: every N steps instead", "Only the latest checkpoint is kept",
+                 "128 + the signal number", "--tracking.tracking_uri=http://HOST:PORT"):
+        assert rule in text, rule
+    with pytest.raises(SystemExit):
+        main(["erase", "--out", "x", "--resume", "--resume-from", "y"])  # one or the other
