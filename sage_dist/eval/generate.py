@@ -111,10 +111,12 @@ def fingerprint_module(module: torch.nn.Module) -> str:
 
 
 def fingerprint_tokenizer(tokenizer) -> str:
-    """sha256 hex of a tokenizer's vocabulary, merges and length limit (fast or slow CLIP tokenizers)."""
+    """sha256 hex of a tokenizer's vocabulary, merges, normalisation and length limit (fast or slow tokenizers);
+    the truncation and padding state that each call sets is left out."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        body = backend.to_str()
+        body = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+                          sort_keys=True)
     else:
         ranks = getattr(tokenizer, "bpe_ranks", {})
         body = json.dumps([sorted(tokenizer.get_vocab().items()),
