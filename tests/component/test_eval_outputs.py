@@ -37,6 +37,17 @@ def erased_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """Saved tiny pipelines by seed (same configs, other weights)."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for seed in (0, 2):
+        build_tiny_sd(seed).save_pretrained(root / str(seed))
+        folders[seed] = root / str(seed)
+    return folders
+
+
 def _cfg(out, text_encoder, **kw):
     base = dict(model="tiny-sd", text_encoder=str(text_encoder), protocol="retain", out=str(out), limit=2, steps=2,
                 device="cpu", progress=False, grid_size=0, fid=False)
@@ -133,13 +144,12 @@ def test_fid_between_different_encoders_is_not_zero_after_a_rerun(tmp_path, eras
 
 @pytest.mark.parametrize("change", [{"steps": 3}, {"height": 32, "width": 32}, {"scheduler": "ddim"},
                                     {"batch_size": 2}, {"model": "folder"}])
-def test_rerun_with_other_sampling_or_model_never_reuses_an_image(tmp_path, erased_dir, change):
-    run_evaluation(_cfg(tmp_path / "out", erased_dir))
+def test_rerun_with_other_sampling_or_model_never_reuses_an_image(tmp_path, erased_dir, change, model_folders):
+    base = {}
+    if change.get("model") == "folder":  # two pipeline folders that differ in their weights only
+        base, change = {"model": str(model_folders[0])}, {"model": str(model_folders[2])}
+    run_evaluation(_cfg(tmp_path / "out", erased_dir, **base))
     before = _outcomes(tmp_path / "out", "coco_30k_val")
-    if change.get("model") == "folder":
-        folder = tmp_path / "other_model"
-        build_tiny_sd(2).save_pretrained(folder)
-        change = {"model": str(folder)}
     run_evaluation(_cfg(tmp_path / "out", erased_dir, **change))
     after = _outcomes(tmp_path / "out", "coco_30k_val")
     old = set(before["original"]["image_key"]) | set(before["erased"]["image_key"])
