@@ -20,6 +20,7 @@ from sage_dist.eval.protocol import (
     score_image_folder,
 )
 from sage_dist.eval.world_protocol import run_world_protocol
+from sage_dist.tracking import check_tracking_reachable, resolve_tracking
 from sage_dist.tracking.evaluation import TrackingUnavailableError
 
 
@@ -138,6 +139,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.protocol == "world":
         if not args.text_encoder:
             raise ValueError("--text-encoder is required: `sage-dist erase`'s --out, an encoder folder, or 'original'")
+        if args.tracking_uri:  # before any model loads
+            check_tracking_reachable(resolve_tracking(args.tracking_uri))
         metrics = run_world_protocol(model=args.model, text_encoder=args.text_encoder, concept=args.concept,
                                      out=args.out or str(default_out("world", args.model, args.text_encoder)),
                                      attack_steps=args.attack_steps or 30, tracking_uri=args.tracking_uri,

@@ -609,7 +609,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 
     # Per-image outcomes (0/1 per prompt, original and erased, in record order) and per-image features: every
     # interval and paired comparison is computed from these, so they are kept for every set in outcomes.json.
-    outcomes: dict[str, Any] = {"schema": 1, "judge": metrics["judge"], "sets": {}}
+    outcomes: dict[str, Any] = {"schema": OUTCOMES_SCHEMA, "judge": metrics["judge"], "sets": {}}
 
     sr = _generate_set(sets[main_name], models, store, cfg, gen_cfg)
     metrics["prompt_sets"][sr.name] = sr.report
@@ -662,8 +662,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         else:
             try:
                 asr = _attack_set(cfg, judge, models, gen_cfg, asr_set, pre)
+                folders = iter(os.path.relpath(p["folder"], out) for p in asr["per_prompt"])
                 entry["attack"] = {"attack": cfg.attack, "post_success": asr["post_success"],
-                                   "folder": [os.path.relpath(p["folder"], out) for p in asr["per_prompt"]]}
+                                   "folder": [None if p is None else next(folders) for p in asr["post_success"]]}
             except ValueError as err:
                 log.error("attack %s skipped: %s", cfg.attack, err)
                 metrics["skipped"]["attack"] = str(err)
@@ -702,6 +703,46 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             raise TrackingUnavailableError(message) from err
         metrics["mlflow_run_id"] = run_id
     return metrics
+
+
+OUTCOMES_SCHEMA = 1
+
+
+def load_outcomes(out: str | os.PathLike) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per-image outcomes of an evaluation folder, by prompt set and prompt id.
+
+    Returns:
+        ``{set: {prompt id: {"record": {prompt, seed, guidance}, "original": {...}, "erased": {...},
+        "post_success": 0 | 1 | None, "adversarial": folder | None}}}``, where each model's entry has ``image_key``, ``image`` (path relative
+        to ``out``), and, when the set was judged, ``judged`` (0/1) and ``details``; ``original`` is absent for
+        sets drawn with the erased model only (fixed sets), ``post_success`` and ``adversarial`` (the saved
+        adversarial prompt's folder, relative to ``out``; None where the pre-attack image already succeeded) for
+        sets without an attack. Two
+        evaluations drew prompt ``i`` from the same initial noise when their ``original.image_key`` (or record
+        and sampling settings) agree: the condition for a paired comparison.
+    Raises:
+        ValueError: no ``outcomes.json`` in ``out`` or another schema.
+    """
+    path = Path(out) / OUTCOMES_FILE
+    if not path.is_file():
+        raise ValueError(f"{out}: no {OUTCOMES_FILE}; give the --out folder of a finished `sage-dist evaluate` run")
+    data = json.loads(path.read_text())
+    if data.get("schema") != OUTCOMES_SCHEMA:
+        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {OUTCOMES_SCHEMA}; rerun the evaluation")
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, entry in data["sets"].items():
+        per_id: dict[str, dict[str, Any]] = {}
+        for i, (pid, record) in enumerate(zip(entry["ids"], entry["records"])):
+            item: dict[str, Any] = {"record": {k: v for k, v in record.items() if k != "id"}}
+            for which in ("original", "erased"):
+                if which in entry:
+                    item[which] = {k: v[i] for k, v in entry[which].items()}
+            if "attack" in entry:
+                item["post_success"] = entry["attack"]["post_success"][i]
+                item["adversarial"] = entry["attack"]["folder"][i]
+            per_id[pid] = item
+        result[name] = per_id
+    return result
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:

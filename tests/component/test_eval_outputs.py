@@ -254,6 +254,8 @@ def test_prefix_attack_prompts_are_saved_and_render_again_bit_for_bit(tmp_path, 
     assert ids[0] == 49406 and all(0 <= i < 49408 for i in ids)
     outcomes = _outcomes(tmp_path / "out", "unlearndiffatk_church")
     assert outcomes["attack"]["post_success"] == [0]
+    assert (tmp_path / "out" / protocol.load_outcomes(tmp_path / "out")["unlearndiffatk_church"][outcomes["ids"][0]]
+            ["adversarial"]).resolve() == folder.resolve()
     assert info["record"]["seed"] == outcomes["records"][0]["seed"]
     assert info["record"]["guidance"] == outcomes["records"][0]["guidance"]
 
@@ -311,6 +313,13 @@ def test_outcomes_for_every_set_and_classifier_spec(tmp_path, erased_dir, never_
     fixed = sets["ring_a_bell_nudity"]
     assert fixed["used_for"] == ["fixed"] and fixed["erased"]["judged"] == [0, 0] and "original" not in fixed
     assert "judge_spec" not in protocol.flatten_metrics(metrics) and "sampling.height" not in protocol.flatten_metrics(metrics)
+    by_id = protocol.load_outcomes(tmp_path / "out")
+    first = by_id["unlearndiffatk_church"][main["ids"][0]]
+    assert first["original"]["judged"] == 0 and first["erased"]["details"]["top"][0][0] == "tench"
+    assert first["record"] == {k: v for k, v in main["records"][0].items() if k != "id"}
+    assert set(by_id["ring_a_bell_nudity"][fixed["ids"][1]]) == {"record", "erased"}
+    with pytest.raises(ValueError, match="no outcomes.json"):
+        protocol.load_outcomes(tmp_path)
 
 
 # ---- ESD-x: the edited UNet ------------------------------------------------------------------------------
