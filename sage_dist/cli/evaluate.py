@@ -6,11 +6,22 @@ See :mod:`sage_dist.eval.protocol` (nudity, style, object, retain) and :mod:`sag
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sage_dist.eval import protocol
-from sage_dist.eval.protocol import EvalConfig, flatten_metrics, run_evaluation
+from sage_dist.eval.protocol import (
+    DEFAULT_IMAGE_STORE,
+    EvalConfig,
+    default_out,
+    default_scores_out,
+    flatten_metrics,
+    run_evaluation,
+    score_image_folder,
+)
 from sage_dist.eval.world_protocol import run_world_protocol
+from sage_dist.tracking import check_tracking_reachable, resolve_tracking
+from sage_dist.tracking.evaluation import TrackingUnavailableError
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -18,11 +29,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="evaluation protocol: RER, ASR, FID, CLIP score (docs/METHOD.md, Evaluation)",
                               description=protocol.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="world", help="world (default) | tiny-sd | Hub id | local diffusers folder")
-    p.add_argument("--text-encoder", required=True, help="erased encoder folder / state dict, or 'original'")
+    p.add_argument("--text-encoder", help="erased model: `sage-dist erase`'s --out (text_encoder/, or ESD-x's unet/), "
+                                          "an encoder folder / state dict, or 'original'")
+    p.add_argument("--images", help="score this folder of existing images with the protocol's judge (nudity, style, "
+                                    "object) instead of generating; writes OUT/scores.json")
     p.add_argument("--protocol", required=True, choices=["nudity", "style", "object", "retain", "world"],
                    help="world: the bundled world's concept-domain protocol (RER per phrase set, ASR under "
                         "SAGE's inside-out attack, retention, FID on detector features, alignment)")
-    p.add_argument("--out", default=None, help="output folder (default runs/eval/<protocol>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/eval/<protocol>/<model>--<encoder>-<hash of both paths>)")
+    p.add_argument("--image-store", default=None,
+                   help=f"content-addressed image store shared by runs (default {DEFAULT_IMAGE_STORE} with the "
+                        "default --out, else OUT/images)")
     p.add_argument("--prompts", help="main prompt set: shipped name or CSV/TXT path")
     p.add_argument("--attack-prompts", help="prompt set for ASR")
     p.add_argument("--fixed-prompts", nargs="*", help="fixed adversarial prompt sets (pre-ASR only)")
@@ -64,9 +82,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The :class:`~sage_dist.eval.protocol.EvalConfig` of a real-model protocol's command line."""
+    if not args.text_encoder:
+        raise ValueError("--text-encoder is required: `sage-dist erase`'s --out, an encoder folder, or 'original' "
+                         "(or --images DIR to score existing images)")
+    out = args.out or str(default_out(args.protocol, args.model, args.text_encoder))
+    image_store = args.image_store or (str(DEFAULT_IMAGE_STORE) if args.out is None else None)
     return EvalConfig(
         model=args.model, text_encoder=args.text_encoder, protocol=args.protocol,
-        out=args.out or str(Path("runs") / "eval" / args.protocol), prompts=args.prompts,
+        out=out, image_store=image_store, prompts=args.prompts,
         attack_prompts=args.attack_prompts,
         fixed_prompts=tuple(args.fixed_prompts) if args.fixed_prompts is not None else None, limit=args.limit,
         steps=args.steps, scheduler=args.scheduler, height=args.height, width=args.width,
@@ -81,10 +104,45 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """``sage-dist evaluate`` entry: prints the headline numbers and the metrics path."""
+    """``sage-dist evaluate`` entry: prints the headline numbers and the metrics path.
+
+    Exit status: 0 done; 2 bad input or an unreachable tracking server at start (nothing ran); 1 the tracking
+    store failed at the end (metrics.json is written; the message says how to log it).
+    """
+    try:
+        return _run(args)
+    except TrackingUnavailableError as err:
+        print(f"sage-dist evaluate: tracking failed: {err}", file=sys.stderr)
+        return 1
+    except ConnectionError as err:
+        print(f"sage-dist evaluate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _score(args: argparse.Namespace) -> int:
+    if args.text_encoder:
+        raise ValueError("--images scores existing images with the judge alone; drop --text-encoder")
+    out = args.out or str(default_scores_out(args.protocol, args.images))
+    scores = score_image_folder(args.images, protocol=args.protocol, out=out, nudity_rule=args.nudity_rule,
+                                threshold=args.threshold, classifier=args.classifier,
+                                concept=args.concept or "church", target_label=args.target_label, top_k=args.top_k,
+                                device=args.device, progress=args.progress)
+    print(f"judge = {scores['judge']}")
+    print(f"concept_rate = {scores['concept_rate']:.4f} ({scores['num_positive']} of {scores['num_images']} images)")
+    print(f"scores: {Path(out) / 'scores.json'}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.images:
+        return _score(args)
     if args.protocol == "world":
+        if not args.text_encoder:
+            raise ValueError("--text-encoder is required: `sage-dist erase`'s --out, an encoder folder, or 'original'")
+        if args.tracking_uri:  # before any model loads
+            check_tracking_reachable(resolve_tracking(args.tracking_uri))
         metrics = run_world_protocol(model=args.model, text_encoder=args.text_encoder, concept=args.concept,
-                                     out=args.out or str(Path("runs") / "eval" / "world"),
+                                     out=args.out or str(default_out("world", args.model, args.text_encoder)),
                                      attack_steps=args.attack_steps or 30, tracking_uri=args.tracking_uri,
                                      experiment=args.experiment, run_name=args.run_name)
         for key in ("RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "ASR", "pre_ASR", "post_ASR",

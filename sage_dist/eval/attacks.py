@@ -18,13 +18,20 @@ the erased model and judged like (a). See :func:`run_external_attack`.
 
 (c) Fixed prompt sets need no code here: their pre-ASR is the ASR.
 
+Every adversarial prompt an evaluation finds is saved (:func:`save_adversarial`: token ids and text when the
+attack works on tokens, the conditioning ``[1, 77, D]`` as safetensors, seed, guidance, sampling settings and
+the model's content hashes) and renders again to the same image (:func:`reproduce_adversarial_image`).
+
 Shapes: K adversarial tokens, V vocabulary, D text width, L = 77 positions, latents [1, 4, h, w].
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -34,6 +41,15 @@ from torch import Tensor
 from sage_dist.attack.inside_out import inside_out_attack
 from sage_dist.attack.prompt import build_attack_prompt, max_token_norms
 from sage_dist.config import AttackConfig
+from sage_dist.eval.generate import (
+    GenerationConfig,
+    ModelKey,
+    model_key,
+    render_prompt_embeds,
+    sampling_settings,
+    save_image_atomic,
+    set_scheduler,
+)
 from sage_dist.models.text import TextConditioner
 
 log = logging.getLogger(__name__)
@@ -77,6 +93,9 @@ class AdversarialPrompt:
     """``[1, L, D]`` encoder hidden states for the UNet (erased text encoder)."""
     text: str | None = None
     """Human-readable prompt (decoded tokens), when the attack works on tokens."""
+    input_ids: Tensor | None = None
+    """``[1, L]`` int64 token ids whose encoding gave ``prompt_embeds`` (token attacks; None for attacks in
+    embedding space)."""
 
 
 @dataclass
@@ -276,7 +295,8 @@ def prefix_token_attack(
             with torch.no_grad():
                 prompt_embeds = encode_ids(text_encoder, attack_ids)
             text = tokenizer.decode(adv_ids.tolist()) + " " + prompt
-            adversarial = AdversarialPrompt(prompt_embeds=prompt_embeds, text=text)
+            adversarial = AdversarialPrompt(prompt_embeds=prompt_embeds, text=text,
+                                            input_ids=attack_ids.detach().cpu().clone())
             success, details = judge(adversarial)
             outcome = AttackOutcome(success=bool(success), adversarial=adversarial,
                                     num_judged=outcome.num_judged + 1, losses=list(losses), details=details)
@@ -333,3 +353,124 @@ def build_eval_attack(pipe, original_text_encoder, erased_text_encoder, *, conce
         return AdversarialPrompt(prompt_embeds=cond.encoder_hidden_states, text=start.template)
 
     return attack
+
+
+# ---- saved adversarial prompts ---------------------------------------------------------------------------
+ADVERSARIAL_JSON = "adversarial.json"
+ADVERSARIAL_TENSORS = "prompt_embeds.safetensors"
+ADVERSARIAL_IMAGE = "image.png"
+
+
+def save_adversarial(folder: str | os.PathLike, *, adversarial: AdversarialPrompt, image, record, model: ModelKey,
+                     sampling: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Write one found adversarial prompt to ``folder`` so that it renders again to ``image``.
+
+    Files: ``prompt_embeds.safetensors`` (``prompt_embeds`` ``[1, 77, D]`` as rendered, and ``input_ids``
+    ``[1, 77]`` int64 for token attacks), ``image.png`` (what the erased model drew from it) and
+    ``adversarial.json``: text, record id / prompt / seed / guidance, the model's content hashes
+    (:class:`~sage_dist.eval.generate.ModelKey`), the sampling settings, and ``info`` (attack settings,
+    success, judge details, losses). Returns the JSON written.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"prompt_embeds": adversarial.prompt_embeds.detach().to("cpu").contiguous()}
+    if adversarial.input_ids is not None:
+        tensors["input_ids"] = adversarial.input_ids.detach().to("cpu", torch.int64).contiguous()
+    partial = folder / f".{ADVERSARIAL_TENSORS}.{os.getpid()}.partial"
+    save_file(tensors, str(partial))
+    os.replace(partial, folder / ADVERSARIAL_TENSORS)
+    save_image_atomic(image, folder / ADVERSARIAL_IMAGE)
+    saved = {"text": adversarial.text, "has_input_ids": adversarial.input_ids is not None,
+             "record": {"id": record.id, "prompt": record.prompt, "seed": int(record.seed),
+                        "guidance": float(record.guidance)},
+             "model": model.to_dict(), "sampling": sampling, **info}
+    (folder / ADVERSARIAL_JSON).write_text(json.dumps(saved, indent=1, default=str))
+    return saved
+
+
+@dataclass(frozen=True)
+class SavedAdversarial:
+    """An adversarial prompt read back by :func:`load_adversarial`."""
+
+    folder: Path
+    prompt_embeds: Tensor
+    """``[1, 77, D]`` as rendered."""
+    input_ids: Tensor | None
+    """``[1, 77]`` int64 (token attacks) or None."""
+    info: dict[str, Any]
+    """``adversarial.json``: text, record (seed, guidance), model hashes, sampling, attack settings, outcome."""
+
+
+def load_adversarial(folder: str | os.PathLike) -> SavedAdversarial:
+    """Read a folder written by :func:`save_adversarial`.
+
+    Raises:
+        ValueError: a file is missing or unreadable (names it).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (ADVERSARIAL_JSON, ADVERSARIAL_TENSORS):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder}: no {name}; give a folder written by save_adversarial (an evaluation's "
+                             "attacks/<set>/<attack>/<prompt id>/)")
+    try:
+        info = json.loads((folder / ADVERSARIAL_JSON).read_text())
+        tensors = load_file(str(folder / ADVERSARIAL_TENSORS))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: unreadable adversarial prompt ({err})") from err
+    return SavedAdversarial(folder=folder, prompt_embeds=tensors["prompt_embeds"],
+                            input_ids=tensors.get("input_ids"), info=info)
+
+
+NUMERICS_ONLY = ("device", "torch", "diffusers")
+"""Sampling settings that change only kernel numerics: a mismatch is a warning, not an error."""
+
+
+def reproduce_adversarial_image(pipe, folder: str | os.PathLike, *, from_input_ids: bool = False):
+    """Render a saved adversarial prompt again with ``pipe`` (the erased model it was found against).
+
+    The saved scheduler is set on a shallow copy of ``pipe`` (``pipe`` is unchanged), then the model's content
+    hashes and the sampling settings are checked against the saved ones, and the image is drawn from the saved
+    ``prompt_embeds`` (or, with ``from_input_ids``, from re-encoding the saved token ids with ``pipe``'s text
+    encoder) with the saved seed and guidance. On the machine kind that found it, the result equals the saved
+    ``image.png`` bit for bit.
+
+    Returns:
+        PIL image.
+    Raises:
+        ValueError: the pipeline's weights or sampling settings differ from the saved ones (names what differs;
+            device and torch / diffusers versions only warn), or ``from_input_ids`` for an attack that saved no token ids.
+    """
+    import copy
+
+    saved = load_adversarial(folder)
+    sampling = saved.info["sampling"]
+    gen = GenerationConfig(num_inference_steps=sampling["num_inference_steps"], scheduler=sampling["scheduler"],
+                           height=sampling["height"], width=sampling["width"], batch_size=sampling["batch_size"])
+    render_pipe = copy.copy(pipe)
+    set_scheduler(render_pipe, gen.scheduler)
+    differ = model_key(render_pipe).differences(ModelKey(**saved.info["model"]))
+    if differ:
+        raise ValueError(f"{saved.folder}: the pipeline's {differ} weights differ from those the adversarial prompt "
+                         "was found against; load the same model and erased encoder/UNet")
+    now = sampling_settings(render_pipe, gen)
+    wrong = sorted(k for k in sampling if now.get(k) != sampling[k] and k not in NUMERICS_ONLY)
+    numerics = sorted(k for k in NUMERICS_ONLY if now.get(k) != sampling.get(k))
+    if numerics:
+        log.warning("%s: %s differ from the saved run (%s); the image may differ in its last bits", saved.folder,
+                    numerics, ", ".join(f"{k} {now.get(k)} vs {sampling.get(k)}" for k in numerics))
+    if wrong:
+        raise ValueError(f"{saved.folder}: sampling settings differ from the saved ones: "
+                         + ", ".join(f"{k} {now.get(k)!r} != {sampling[k]!r}" for k in wrong))
+    embeds = saved.prompt_embeds
+    if from_input_ids:
+        if saved.input_ids is None:
+            raise ValueError(f"{saved.folder}: this attack saved no token ids (it works in embedding space); "
+                             "reproduce from prompt_embeds")
+        with torch.no_grad():
+            embeds = encode_ids(render_pipe.text_encoder, saved.input_ids)
+    record = saved.info["record"]
+    return render_prompt_embeds(render_pipe, embeds, seed=record["seed"], guidance=record["guidance"], cfg=gen)

@@ -1,23 +1,35 @@
 """Image generation for evaluation: the original and an edited model under the same seeds, and the one grid maker.
 
 * :func:`generate_images`: a batch of prompts as a tensor (the bundled world's protocol; noise from ``seed``);
-* :func:`generate_records`: one PNG per prompt record (real-model protocols), resumable: an existing file is
-  never regenerated, so an interrupted run resumes where it stopped;
+* :func:`generate_records`: one PNG per prompt record (real-model protocols) in an :class:`ImageStore`, keyed
+  by what produced it (:func:`image_key`), so a rerun reuses exactly the images whose inputs are all equal;
 * :func:`render_prompt_embeds`: an image from precomputed conditioning (attacks);
 * :func:`image_grid`: the one grid maker (rows and columns of images, with labels);
 * :func:`side_by_side`: ``sage-dist generate``'s grid (one row per prompt: original, edited).
+
+Keys. An image's pixels depend on the UNet, the VAE, the text encoder and the tokenizer (their weights), the
+prompt record (prompt, seed, guidance) and the sampling settings (steps, scheduler and its config, size,
+dtype, device type, batch size, torch and diffusers versions). :func:`model_key` hashes the weights as the
+pipeline holds them (sha256 of every state-dict tensor's name, dtype, shape and bytes, once per module and
+run: ~1 s per GB), so the key follows the content, whatever the source (Hub id, folder, tiny random model);
+:func:`image_key` is the sha256 of all of it. Anything different gives another key and a new image;
+everything equal finds the stored one. The original model's images have the same key in every run, so runs of
+different erased encoders share them through one store.
 
 Initial latents come from a CPU ``torch.Generator``, so images are the same on CPU and GPU up to kernel numerics.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import logging
+import os
 import re
-from dataclasses import dataclass
+import weakref
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -27,6 +39,8 @@ from sage_dist.prompts import PromptRecord
 log = logging.getLogger(__name__)
 
 SchedulerName = Literal["lms", "ddim", "pipeline"]
+KEY_SCHEMA = 1
+"""Version of the key layout; bumped when what goes into a key changes (old stores are then not reused)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +67,6 @@ def safe_name(record_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._~-]", "_", record_id) or "_"
 
 
-def image_path(folder: Path, record_id: str) -> Path:
-    return folder / f"{safe_name(record_id)}.png"
-
-
 def set_scheduler(pipe, name: SchedulerName) -> None:
     """Replace ``pipe.scheduler`` with LMS or DDIM built from its config (no change for "pipeline")."""
     if name == "pipeline":
@@ -67,15 +77,159 @@ def set_scheduler(pipe, name: SchedulerName) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-@contextlib.contextmanager
-def using_text_encoder(pipe, text_encoder) -> Iterator[None]:
-    """Temporarily put ``text_encoder`` into ``pipe`` (restored afterwards, even on error)."""
-    saved = pipe.text_encoder
-    pipe.text_encoder = text_encoder
-    try:
-        yield
-    finally:
-        pipe.text_encoder = saved
+# ---- what produced an image ------------------------------------------------------------------------------
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], str]]" = weakref.WeakKeyDictionary()
+"""Module -> (signature of its tensors, sha256): a module is rehashed when a tensor was replaced or changed."""
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    """sha256 hex of a module's weights as it holds them: every state-dict entry's name, dtype, shape and bytes.
+
+    Two modules with equal weights (in the same dtype) have equal fingerprints whatever they were loaded from.
+    Cost: one pass over the weights (copied to the CPU one tensor at a time), ~1 s per GB on one core. The
+    value is cached per module object and recomputed when any tensor was replaced (``.to``, new storage) or
+    changed in place through autograd-visible ops (torch's version counters: optimiser steps,
+    ``load_state_dict``, ``copy_``); edits through ``.data`` are invisible to it: pass a fresh module then.
+    """
+    state = module.state_dict()
+    versions = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in state.values())
+    hit = _FINGERPRINTS.get(module)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    value = digest.hexdigest()
+    _FINGERPRINTS[module] = (versions, value)
+    return value
+
+
+_TOKENIZER_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], str]]" = weakref.WeakKeyDictionary()
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """sha256 hex of a tokenizer's vocabulary, merges, normalisation and length limit (fast or slow tokenizers);
+    the truncation and padding state that each call sets is left out. Cached per tokenizer object (~0.6 s for
+    CLIP's 49k vocabulary) until its length or limit changes (``add_tokens``)."""
+    signature = (len(tokenizer), tokenizer.model_max_length)
+    hit = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+                          sort_keys=True)
+    else:
+        ranks = getattr(tokenizer, "bpe_ranks", {})
+        body = json.dumps([sorted(tokenizer.get_vocab().items()),
+                           [list(pair) for pair, _ in sorted(ranks.items(), key=lambda kv: kv[1])]])
+    value = hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.model_max_length}|{body}".encode()).hexdigest()
+    _TOKENIZER_FINGERPRINTS[tokenizer] = (signature, value)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelKey:
+    """Content hashes (sha256 hex) of the parts of a pipeline that shape its images."""
+
+    unet: str
+    vae: str
+    text_encoder: str
+    tokenizer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    def differences(self, other: "ModelKey") -> list[str]:
+        """Names of the parts whose hashes differ."""
+        return [k for k in ("unet", "vae", "text_encoder", "tokenizer") if getattr(self, k) != getattr(other, k)]
+
+
+def model_key(pipe) -> ModelKey:
+    """The :class:`ModelKey` of an SD 1.x/2.x pipeline as it is now (its UNet, VAE, text encoder, tokenizer)."""
+    return ModelKey(unet=fingerprint_module(pipe.unet), vae=fingerprint_module(pipe.vae),
+                    text_encoder=fingerprint_module(pipe.text_encoder), tokenizer=fingerprint_tokenizer(pipe.tokenizer))
+
+
+def sampling_settings(pipe, cfg: GenerationConfig) -> dict[str, Any]:
+    """Everything besides weights and the prompt record that shapes an image: steps, the scheduler in use (class
+    and config hash: call :func:`set_scheduler` first), the resolved size, dtype, device type, batch size and
+    the torch / diffusers versions."""
+    import diffusers
+
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return {"num_inference_steps": cfg.num_inference_steps, "scheduler": cfg.scheduler,
+            "scheduler_class": type(pipe.scheduler).__name__,
+            "scheduler_config": _sha256_json({k: v for k, v in dict(pipe.scheduler.config).items()
+                                              if not k.startswith("_")}),
+            "height": cfg.height or default, "width": cfg.width or default, "dtype": str(pipe.unet.dtype),
+            "device": pipe.unet.device.type, "batch_size": cfg.batch_size, "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
+
+
+def record_settings(record: PromptRecord) -> dict[str, Any]:
+    """The parts of a prompt record that shape its image (its id and category do not)."""
+    return {"prompt": record.prompt, "seed": int(record.seed), "guidance": float(record.guidance)}
+
+
+def image_key_inputs(model: ModelKey, record: PromptRecord, sampling: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`image_key` hashes (also written beside each stored image, so a store can be audited)."""
+    return {"schema": KEY_SCHEMA, "model": model.to_dict(), "record": record_settings(record), "sampling": sampling}
+
+
+def image_key(model: ModelKey, record: PromptRecord, sampling: dict[str, Any]) -> str:
+    """sha256 hex naming the image that ``model`` draws for ``record`` under ``sampling``."""
+    return _sha256_json(image_key_inputs(model, record, sampling))
+
+
+def save_image_atomic(image, path: Path) -> Path:
+    """Write a PIL image as PNG through a temporary file and a rename: a killed run never leaves a truncated
+    file under a final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+    return path
+
+
+class ImageStore:
+    """A content-addressed folder of generated images: ``<root>/<key[:2]>/<key>.png`` with ``<key>.json``
+    (the key's inputs) beside it. Safe to share between runs, protocols and encoders: a key names one image.
+
+    Args:
+        root: the store's folder (created on first write).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.png"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def put(self, key: str, image, inputs: dict[str, Any]) -> Path:
+        """Store ``image`` under ``key`` (inputs first, then the PNG atomically: the PNG marks it complete)."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").write_text(json.dumps({"key": key, **inputs}, indent=1, default=str))
+        return save_image_atomic(image, path)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One generated image of a prompt record: its key and file in the store."""
+
+    record_id: str
+    key: str
+    path: Path
 
 
 def _batches(records: Sequence[PromptRecord], size: int) -> Iterator[list[PromptRecord]]:
@@ -93,37 +247,46 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def generate_records(pipe, text_encoder, records: Sequence[PromptRecord], folder: Path, cfg: GenerationConfig, *,
-                     desc: str = "generate", progress: bool = True) -> list[Path]:
-    """Generate the missing images of ``records`` with ``text_encoder`` in ``pipe``; returns every path.
+def generate_records(pipe, records: Sequence[PromptRecord], store: ImageStore, cfg: GenerationConfig, *,
+                     model: ModelKey | None = None, desc: str = "generate", progress: bool = True
+                     ) -> list[StoredImage]:
+    """One image per record drawn by ``pipe`` (its own text encoder and UNet), generated only when the store
+    has no image of the same key (:func:`image_key`); returns every record's :class:`StoredImage` in order.
 
-    Existing files are kept (resume). Progress shows with tqdm when ``progress``.
+    Args:
+        pipe: the pipeline as it should draw (e.g. :func:`sage_dist.models.load.edited_pipeline` for the erased
+            model), its scheduler already set (:func:`set_scheduler`).
+        model: ``model_key(pipe)`` when the caller has it (computed otherwise).
+    Progress shows with tqdm when ``progress``.
     """
     from tqdm.auto import tqdm
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [image_path(folder, r.id) for r in records]
-    todo = [r for r, p in zip(records, paths) if not p.is_file()]
+    model = model or model_key(pipe)
+    sampling = sampling_settings(pipe, cfg)
+    keys = [image_key(model, r, sampling) for r in records]
+    todo = [(r, k) for r, k in zip(records, keys) if not store.has(k)]
     if len(todo) < len(records):
-        log.info("%s: %d of %d images already exist, skipped", desc, len(records) - len(todo), len(records))
+        log.info("%s: %d of %d images found in %s (same model, prompt and sampling), reused", desc,
+                 len(records) - len(todo), len(records), store.root)
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo)
-    with using_text_encoder(pipe, text_encoder), torch.no_grad():
-        for batch in _batches(todo, cfg.batch_size):
+    by_id = {id(r): k for r, k in todo}
+    with torch.no_grad():
+        for batch in _batches([r for r, _ in todo], cfg.batch_size):
             images = pipe(prompt=[r.prompt for r in batch], guidance_scale=batch[0].guidance,
                           num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                           generator=_generators([r.seed for r in batch])).images
             for r, im in zip(batch, images):
-                im.save(image_path(folder, r.id))
+                store.put(by_id[id(r)], im, image_key_inputs(model, r, sampling))
             bar.update(len(batch))
     bar.close()
-    return paths
+    return [StoredImage(r.id, k, store.path(k)) for r, k in zip(records, keys)]
 
 
-def render_prompt_embeds(pipe, text_encoder, prompt_embeds: torch.Tensor, *, seed: int, guidance: float,
-                         cfg: GenerationConfig):
-    """One image from precomputed conditioning ``[1, 77, D]`` (attacks); the unconditional branch uses
-    ``text_encoder`` (the erased one) on the empty prompt, as a user of the erased model would."""
-    with using_text_encoder(pipe, text_encoder), torch.no_grad():
+def render_prompt_embeds(pipe, prompt_embeds: torch.Tensor, *, seed: int, guidance: float, cfg: GenerationConfig):
+    """One image from precomputed conditioning ``[1, 77, D]`` (attacks) drawn by ``pipe`` (the erased model);
+    the unconditional branch uses ``pipe``'s own text encoder on the empty prompt, as a user of the erased
+    model would."""
+    with torch.no_grad():
         return pipe(prompt_embeds=prompt_embeds.to(pipe.unet.device, pipe.unet.dtype), guidance_scale=guidance,
                     num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                     generator=_generators([seed])).images[0]

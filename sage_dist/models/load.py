@@ -3,6 +3,7 @@
 * :func:`load_pipeline`: any model id of :mod:`sage_dist.models.registry`, frozen, in eval mode;
 * :func:`load_text_encoders`: the one loader of text encoders (an ``erase`` output folder, one encoder folder,
   a checkpoint folder, a state-dict file, or "original");
+* :func:`load_unet_edit`: the edited UNet of an ``erase`` output (ESD-x writes ``unet/`` and no text encoder);
 * :func:`edited_pipeline`: a shallow copy of a pipeline with its encoder(s) and/or UNet replaced.
 """
 
@@ -181,6 +182,89 @@ def _encoder_from_state(like: dict[int, torch.nn.Module], e: int, state: dict[st
     if missing:
         log.warning("--text-encoder %s: %d keys missing, kept from the original encoder", source, len(missing))
     return model
+
+
+# ---- edited UNets (ESD-x) ------------------------------------------------------------------------------------
+UNET_CLASS_NAMES = ("UNet2DConditionModel",)
+"""``_class_name`` of a UNet ``save_pretrained`` folder's ``config.json``."""
+
+
+def _config_class(config: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config}: unreadable config.json ({err}); re-save the model with save_pretrained") from err
+
+
+def unet_edit_dir(source: str | os.PathLike) -> Path | None:
+    """The edited UNet's folder inside ``source``, checked without loading anything.
+
+    ``source`` is a ``sage-dist erase`` output holding ``unet/`` (ESD-x: ``unet/`` and no ``text_encoder/``) or
+    a UNet's own ``save_pretrained`` folder (``config.json`` with ``_class_name`` UNet2DConditionModel).
+    Returns None for "original", for text-encoder-only outputs and for state-dict files.
+
+    Raises:
+        ValueError: ``unet/`` exists but has no readable ``config.json`` (a partial copy).
+    """
+    if str(source) == "original":
+        return None
+    root = Path(source).expanduser()
+    if (root / "config.json").is_file() and _config_class(root / "config.json") in UNET_CLASS_NAMES:
+        return root
+    if (root / "unet").is_dir():
+        if not (root / "unet" / "config.json").is_file():
+            raise ValueError(f"--text-encoder {source}: {root / 'unet'} has no config.json (a partial copy of an "
+                             "ESD-x output?); copy the whole folder written by `sage-dist erase --method esd-x`")
+        _config_class(root / "unet" / "config.json")
+        return root / "unet"
+    return None
+
+
+def has_text_encoder_files(source: str | os.PathLike) -> bool:
+    """Whether :func:`text_encoder_files` finds an encoder at ``source`` (False instead of its ValueError); a
+    UNet's own folder counts as none."""
+    if str(source) == "original":
+        return False
+    root = Path(source).expanduser()
+    if unet_edit_dir(source) == root:
+        return False
+    try:
+        text_encoder_files(source)
+    except ValueError:
+        return False
+    return True
+
+
+def load_unet_edit(source: str | os.PathLike, *, like: torch.nn.Module) -> torch.nn.Module | None:
+    """The edited UNet of ``source`` (see :func:`unet_edit_dir`) as ``type(like)``, frozen, in eval mode, on
+    ``like``'s device and dtype; None when ``source`` holds no UNet (the pipeline's own UNet is then used).
+
+    Args:
+        like: the pipeline's UNet (architecture, device, dtype, and the config the edit must match).
+    Raises:
+        ValueError: its config differs from ``like``'s (an edit of another base model), or it cannot be read.
+    """
+    path = unet_edit_dir(source)
+    if path is None:
+        return None
+    try:
+        model = type(like).from_pretrained(str(path), torch_dtype=like.dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"--text-encoder {source}: cannot load the edited UNet in {path} ({err})") from err
+    mine = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    theirs = {k: v for k, v in dict(like.config).items() if not k.startswith("_")}
+    differ = sorted(k for k in set(mine) | set(theirs) if _plain(mine.get(k)) != _plain(theirs.get(k)))
+    if differ:
+        raise ValueError(f"--text-encoder {source}: the UNet in {path} does not match the model's UNet (config "
+                         f"differs in {differ[:6]}); it was edited from another base model")
+    return model.to(device=like.device, dtype=like.dtype).eval().requires_grad_(False)
+
+
+def _plain(value):
+    """Config values compared as JSON would store them (tuples and lists alike)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 # ---- editing a pipeline --------------------------------------------------------------------------------------

@@ -7,11 +7,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 MAX_PARAM_LENGTH = 6000
 BATCH = 100
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow's HTTP retry settings while an evaluation logs (unless the user set them): a server that stopped
+answering fails in seconds, not after MLflow's default of 7 retries with exponential back-off (minutes)."""
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The tracking store stopped answering (or refused a write) while an evaluation was being logged."""
+
+
+@contextlib.contextmanager
+def _short_http_retries() -> Iterator[None]:
+    added = [k for k in HTTP_RETRY_DEFAULTS if k not in os.environ]
+    os.environ.update({k: HTTP_RETRY_DEFAULTS[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -34,7 +55,26 @@ def log_evaluation(tracking_uri: str, *, experiment: str, run_name: str, params:
 
     Raises:
         ValueError: a relative SQLite path.
+        TrackingUnavailableError: the store failed while logging (server down, network, disk); the message
+            names the URI and the cause. The run, if it was created, is marked FAILED when the store still
+            answers.
     """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    _artifact_location(tracking_uri, experiment)  # a bad URI is a ValueError, not a tracking failure
+    try:
+        with _short_http_retries():
+            return _log(tracking_uri, experiment=experiment, run_name=run_name, params=params, metrics=metrics,
+                        artifacts=artifacts, tags=tags)
+    except (MlflowException, requests.RequestException, OSError) as err:
+        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise TrackingUnavailableError(f"MLflow at {tracking_uri} failed while logging the evaluation "
+                                       f"({type(err).__name__}: {first_line})") from err
+
+
+def _log(tracking_uri: str, *, experiment: str, run_name: str, params: dict[str, Any], metrics: dict[str, float],
+         artifacts: Sequence[Path], tags: dict[str, str] | None) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -57,7 +97,8 @@ def log_evaluation(tracking_uri: str, *, experiment: str, run_name: str, params:
             client.log_artifact(run_id, str(path))
         client.log_batch(run_id, tags=[RunTag("sage_dist.num_metrics", str(len(metric_items)))])
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        with contextlib.suppress(Exception):  # the store may be the thing that failed
+            client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id

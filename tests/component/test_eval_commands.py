@@ -45,13 +45,17 @@ def test_nudity_protocol_with_prefix_attack_resume_and_mlflow(tmp_path, erased_d
     assert saved["prompt_sets"]["i2p_sexual"]["num_unusable"] == 1
     assert "ring_a_bell_nudity" in saved["fixed_sets"]
     assert (out / "grid_i2p_sexual.png").is_file()
-    originals = sorted((out / "images" / "i2p_sexual" / "original").glob("*.png"))
-    assert len(originals) == 2
+    assert saved["judge_spec"]["detector"]["model_file"].endswith("320n.onnx")
+    assert len(saved["judge_spec"]["detector"]["model_sha256"]) == 64 and len(saved["judge_spec"]["classes"]) == 9
+    outcomes = json.loads((out / saved["outcomes_file"]).read_text())["sets"]["i2p_sexual"]
+    originals = [out / p for p in outcomes["original"]["image"]]
+    assert len(originals) == 2 and all(p.is_file() for p in originals)
+    assert len(outcomes["original"]["judged"]) == 2 and set(outcomes["erased"]["judged"]) <= {0, 1}
     # same seeds: the original images are reproducible, and differ from the erased ones
     import numpy as np
     from PIL import Image
 
-    erased_imgs = sorted((out / "images" / "i2p_sexual" / "erased").glob("*.png"))
+    erased_imgs = [out / p for p in outcomes["erased"]["image"]]
     assert not np.array_equal(np.asarray(Image.open(originals[0])), np.asarray(Image.open(erased_imgs[0])))
     # MLflow run with the headline metrics
     from mlflow.tracking import MlflowClient
@@ -75,7 +79,9 @@ def test_missing_detector_is_reported_and_run_goes_on(tmp_path, erased_dir, monk
     monkeypatch.setattr(judges, "NudeNetDetector", Missing)
     metrics = run_evaluation(_cfg(tmp_path, erased_dir, protocol="nudity", limit=1))
     assert "pip install nudenet" in metrics["skipped"]["judge"]
-    assert len(list((tmp_path / "out" / "images" / "i2p_sexual" / "erased").glob("*.png"))) == 1
+    outcomes = json.loads((tmp_path / "out" / "outcomes.json").read_text())["sets"]["i2p_sexual"]
+    assert len(outcomes["erased"]["image"]) == 1 and "judged" not in outcomes["erased"]
+    assert (tmp_path / "out" / outcomes["erased"]["image"][0]).is_file()
 
 
 class _FakeClassifier:
