@@ -167,7 +167,9 @@ def world_metrics(cfg: StudyConfig, result, pipe, *, quick: bool = True) -> dict
 
     ``quick`` is the quick fidelity (:data:`sage_dist.presets.WORLD_EVAL_QUICK`: 50 concept-domain and 64 held-out
     retain images, ~5-15 s on 2 cores), what a search can afford per trial; its numbers and interval widths are
-    logged. ``quick=False`` is the full fidelity (:data:`sage_dist.presets.WORLD_EVAL_FULL`).
+    logged. ``quick=False`` is the full fidelity (:data:`sage_dist.presets.WORLD_EVAL_FULL`). With several concepts
+    every key, interval bounds included, is the mean of the per-concept values (the bounds are then not an
+    interval of the mean: use :func:`evaluate_edit`, which evaluates the concepts jointly).
     """
     defaults = sampling_defaults(cfg.model.model_id)
     per_concept = []

@@ -807,8 +807,9 @@ def format_metric(result: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{value:{spec}} ± {half:{spec}} [{low:{spec}}, {high:{spec}}] (n={n})"
 
 
-HEADLINE = ("RER_domain", "RER_word", "RER_synonyms", "RER_heldout", "retention_acc", "retention_acc_original",
-            "retention_drop", "KID", "KID_original", "KID_delta", "alignment")
+HEADLINE = ("RER_domain", "RER_word", "RER_synonyms", "RER_heldout", "concept_rate_original", "retention_acc",
+            "retention_acc_original", "retention_drop", "retention_acc_all", "retention_acc_all_original", "KID",
+            "KID_original", "KID_delta", "alignment", "alignment_original")
 
 
 def format_metrics(result: dict[str, Any], keys: Sequence[str] = HEADLINE) -> str:

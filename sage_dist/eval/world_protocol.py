@@ -46,7 +46,7 @@ from sage_dist.models.load import (
     original_encoders,
     text_encoder_files,
 )
-from sage_dist.models.registry import check_model_source, sampling_defaults
+from sage_dist.models.registry import check_model_source, is_sdxl, sampling_defaults
 from sage_dist.presets import WorldEvalFidelity
 from sage_dist.tracking.evaluation import log_evaluation
 from sage_dist.world.concepts import CONCEPTS
@@ -147,6 +147,15 @@ def _write(out: Path, name: str, payload: dict[str, Any], table: str) -> Path:
 
 # ---------------------------------------------------------------- the protocol
 
+def _remove_saved_attacks(folder: Path) -> None:
+    """Delete the adversarial prompts an earlier run saved in ``folder`` (only the red team's own files), so the
+    folder never mixes attacks found on two models."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.suffix in (".json", ".safetensors") and path.stem.startswith(("prefix", "ring_", "inside_out")):
+                path.unlink()
+
+
 def run_world_protocol(*, model: str, text_encoder: str, concept: str, out: str | Path, attack_steps: int | None = None,
                        tracking_uri: str | None = None, experiment: str = "sage_dist-eval",
                        run_name: str | None = None, fidelity: str | WorldEvalFidelity = "full", seed: int = 0,
@@ -158,7 +167,8 @@ def run_world_protocol(*, model: str, text_encoder: str, concept: str, out: str 
     Args:
         attack_steps: J of SAGE's inside-out attack (default: the fidelity's ``inside_out_steps``).
         fidelity: "full" (default; the powered protocol) or "quick".
-        red_team: run the red team (needs the fidelity's ``red_team_prompts`` >= 2).
+        red_team: run the red team (needs the fidelity's ``red_team_prompts`` >= 2; SD pipelines only, skipped
+            with a warning for "world-xl").
         num_inference_steps: denoising steps (default: the world's own, ``world_config.json``; fewer for smoke runs).
     Raises:
         ValueError: an unknown concept, a bad model id, an unreadable edit folder, or an edit of another base
@@ -178,9 +188,13 @@ def run_world_protocol(*, model: str, text_encoder: str, concept: str, out: str 
     pipe = load_pipeline(model)
     encoders, unet = load_world_edit(pipe, text_encoder)
     steps = num_inference_steps or sampling_defaults(pipe).num_inference_steps
+    if red_team and is_sdxl(pipe):
+        logger.warning("the world red team attacks SD pipelines only; skipped for %s", model)
+        red_team = False
     metrics: dict[str, Any] = dict(evaluate_world(pipe, encoders, unet=unet, concept=concept, seed=seed, fidelity=fid,
                                                   num_inference_steps=steps))
     if red_team and fid.red_team_prompts >= 2:
+        _remove_saved_attacks(out / "red_team")
         metrics.update(red_team_world(pipe, encoders, unet=unet, concept=concept, fidelity=fid, seed=seed,
                                       num_inference_steps=steps, out_dir=out / "red_team"))
     metrics["wall_time_s"] = time.perf_counter() - t0

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from sage_dist.eval import world as ev
-from sage_dist.eval.red_team import direction_pairs, red_team_world, replay_attack, saved_images
+from sage_dist.eval.red_team import (
+    direction_pairs,
+    red_team_world,
+    replay_attack,
+    saved_images,
+)
 from sage_dist.eval.world_asr import world_asr
 from sage_dist.models.load import load_pipeline
 from sage_dist.presets import WORLD_EVAL_FULL

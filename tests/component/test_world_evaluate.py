@@ -175,3 +175,31 @@ def test_edited_pipeline_never_casts_the_callers_module(pipe):
 def test_kid_features_have_norm_sqrt_d():
     f = np.abs(np.random.default_rng(0).normal(size=(5, 128))) * np.arange(1, 6)[:, None]
     np.testing.assert_allclose(np.linalg.norm(ev.kid_features(f), axis=1), np.sqrt(128))
+
+
+def test_objective_entry_points_pass_the_unet_and_rename_the_heldout_rate(pipe, monkeypatch):
+    """``world_metrics`` hands a trial's UNet (ESD-x) to the world evaluation and returns floats with interval
+    bounds; ``evaluate_edit`` reports ``concept_rate_heldout`` (no attack is run, so it is not an ASR)."""
+    from types import SimpleNamespace
+
+    from sage_dist.config import StudyConfig
+    from sage_dist.eval import objective
+
+    seen = {}
+
+    def fake_evaluate_world(pipe_, text_encoder, *, unet=None, **kwargs):
+        seen.update(text_encoder=text_encoder, unet=unet, fidelity=kwargs["fidelity"])
+        return {"RER_domain": 0.5, "RER_domain_ci95": [0.4, 0.6], "RER_domain_n": 50, "erasure_rate_heldout": 0.25,
+                "erasure_rate_heldout_ci95": [0.1, 0.4], "erasure_rate_heldout_n": 20, "fidelity": kwargs["fidelity"],
+                "prompt_sets": {}, "seconds": 1.0}
+
+    monkeypatch.setattr(objective, "evaluate_world", fake_evaluate_world)
+    cfg = StudyConfig().replace_flat({"model.model_id": "world", "erase.erase_concept": ("triangle",)})
+    marker = torch.nn.Linear(1, 1)
+    metrics = objective.world_metrics(cfg, SimpleNamespace(text_encoders={}, unet=marker), pipe)
+    assert seen == {"text_encoder": None, "unet": marker, "fidelity": "quick"}
+    assert metrics["RER_domain_ci95_lo"] == 0.4 and "seconds" not in metrics
+    edit = objective.evaluate_edit("world", concepts=("triangle",))
+    assert edit["concept_rate_heldout"] == 0.75 and "ASR_heldout" not in edit
+    assert (edit["concept_rate_heldout_ci95_lo"], edit["concept_rate_heldout_ci95_hi"]) == pytest.approx((0.6, 0.9))
+    assert objective.default_objectives("world").retention_metric == "KID"

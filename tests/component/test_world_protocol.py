@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from sage_dist.eval import world as ev
-from sage_dist.eval.world_protocol import load_world_edit, run_world_comparison, run_world_protocol
+from sage_dist.eval.world_protocol import (
+    load_world_edit,
+    run_world_comparison,
+    run_world_protocol,
+)
 from sage_dist.models.load import load_pipeline
 
 STEPS = 6

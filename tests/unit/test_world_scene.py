@@ -6,8 +6,8 @@ import pytest
 from sage_dist.world import scene
 from sage_dist.world.concepts import (
     ATTRIBUTES,
-    CONCEPTS,
     COLOURS,
+    CONCEPTS,
     SHAPES,
     TEXTURES,
     concept_domain,
