@@ -14,8 +14,11 @@ Two evaluators:
 
   These are proxies of erasure and retention in text space. They are not RER, accuracy or FID and are never
   reported under those names.
-* **Bundled world** ("world"/"world-xl"): the world's own image-space evaluation (``RER_domain``, ``RER_word``, ``RER_heldout``, ``retention_acc``, ``FID`` ...), plus
-  the text proxy.
+* **Bundled world** ("world"/"world-xl"): the world's own image-space evaluation
+  (:func:`sage_dist.eval.world.evaluate_world`: ``RER_domain``, ``RER_word``, ``RER_heldout``, held-out
+  ``retention_acc``, ``neighbour_acc_<value>``, ``KID`` ..., each with ``<metric>_ci95_lo`` / ``_hi`` and
+  ``<metric>_n``), at the quick fidelity (:data:`sage_dist.presets.WORLD_EVAL_QUICK`) in a trial, plus the text
+  proxy.
 
 :class:`Objectives` names which metrics a study optimises: multi-objective (erasure up, retention cost down;
 the result is the Pareto front) or single (``text_score``, reported at every checkpoint so ASHA can stop
@@ -33,7 +36,7 @@ import torch
 
 from sage_dist.config import StudyConfig
 from sage_dist.eval.generate import generate_images, image_grid
-from sage_dist.eval.world import evaluate_world
+from sage_dist.eval.world import evaluate_world, flat_metrics, format_metrics
 from sage_dist.models.load import edited_pipeline, original_encoders
 from sage_dist.models.registry import is_world, sampling_defaults
 from sage_dist.retention.prompts import resolve_retain_prompts
@@ -57,10 +60,10 @@ class Objectives:
     erasure_metric: str
     """Higher is better: ``text_erasure`` (proxy) or ``RER_domain`` (world)."""
     retention_metric: str
-    """The retention cost or quality: ``text_retention_drift`` (proxy, min), ``FID`` (world, min) or
+    """The retention cost or quality: ``text_retention_drift`` (proxy, min), ``KID`` (world, min) or
     ``retention_acc`` (world, max)."""
     retention_mode: Mode = "min"
-    """"min" for a cost (drift, FID), "max" for an accuracy."""
+    """"min" for a cost (drift, KID), "max" for an accuracy."""
     single_metric: str = "text_score"
     """Single-objective mode's target (max); must be reported at every checkpoint for ASHA."""
 
@@ -76,7 +79,7 @@ class Objectives:
 def default_objectives(model_id: str) -> Objectives:
     """Image-space metrics on the bundled world, else the text proxy."""
     if is_world(model_id):
-        return Objectives(erasure_metric="RER_domain", retention_metric="FID", retention_mode="min")
+        return Objectives(erasure_metric="RER_domain", retention_metric="KID", retention_mode="min")
     return Objectives(erasure_metric="text_erasure", retention_metric="text_retention_drift", retention_mode="min")
 
 
@@ -157,36 +160,50 @@ def evaluate_trial(cfg: StudyConfig, result, *, pipe, retain_prompts: list[str],
 
 
 def world_metrics(cfg: StudyConfig, result, pipe, *, quick: bool = True) -> dict[str, float]:
-    """The bundled world's image-space evaluation of the edit (:func:`sage_dist.eval.world.evaluate_world`), at
-    the world's own sampling settings (``world_config.json``); averaged over the erased concepts.
+    """The bundled world's image-space evaluation of the edit (:func:`sage_dist.eval.world.evaluate_world`: the
+    trained encoders and, for ESD-x, the trained UNet), at the world's own sampling settings
+    (``world_config.json``); floats only (:func:`~sage_dist.eval.world.flat_metrics`: each interval as
+    ``<metric>_ci95_lo`` / ``_hi``); averaged over the erased concepts.
 
-    ``quick`` halves the prompt sets (2 contexts per phrase, 18 retain prompts; ~5-12 s on 2 cores), which
-    is what a search can afford per trial; re-evaluate the chosen trials with ``quick=False``.
+    ``quick`` is the quick fidelity (:data:`sage_dist.presets.WORLD_EVAL_QUICK`: 50 concept-domain and 64 held-out
+    retain images, ~5-15 s on 2 cores), what a search can afford per trial; its numbers and interval widths are
+    logged. ``quick=False`` is the full fidelity (:data:`sage_dist.presets.WORLD_EVAL_FULL`). With several concepts
+    every key, interval bounds included, is the mean of the per-concept values (the bounds are then not an
+    interval of the mean: use :func:`evaluate_edit`, which evaluates the concepts jointly).
     """
     defaults = sampling_defaults(cfg.model.model_id)
-    per_concept = [evaluate_world(pipe, dict(result.text_encoders) or None, unet=result.unet, concept=c,
-                                  seed=cfg.optim.seed, quick=quick, guidance=defaults.guidance,
-                                  num_inference_steps=defaults.num_inference_steps)
-                   for c in cfg.erase.erase_concept]
-    keys = [k for k, v in per_concept[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    per_concept = []
+    for c in cfg.erase.erase_concept:
+        res = evaluate_world(pipe, dict(result.text_encoders) or None, unet=result.unet, concept=c,
+                             seed=cfg.optim.seed, fidelity="quick" if quick else "full", guidance=defaults.guidance,
+                             num_inference_steps=defaults.num_inference_steps)
+        log.info("trial world metrics (%s, %s): %s", res["fidelity"], c, format_metrics(res))
+        per_concept.append(flat_metrics(res))
+    keys = [k for k in per_concept[0] if all(k in m for m in per_concept)]
     return {k: float(sum(m[k] for m in per_concept) / len(per_concept)) for k in keys if k != "seconds"}
 
 
 def evaluate_edit(model_id: str, *, concepts: tuple[str, ...], text_encoders: dict[int, torch.nn.Module] | None = None,
                   unet: torch.nn.Module | None = None, seed: int = 0, quick: bool = True) -> dict[str, float]:
     """World metrics of an edit (``text_encoders`` by slot and/or ``unet``) of world model ``model_id``, all
-    ``concepts`` evaluated jointly (retain prompts naming none of them), as the grid studies score a trial.
+    ``concepts`` evaluated jointly (retain images naming none of them), as the grid studies score a trial.
 
     Returns:
-        :func:`~sage_dist.eval.world.evaluate_world`'s metrics plus ``ASR_heldout`` = ``1 - erasure_rate_heldout``
-        (and ``<concept>/ASR_heldout`` for several concepts).
+        :func:`~sage_dist.eval.world.evaluate_world`'s metrics as floats (:func:`~sage_dist.eval.world.flat_metrics`),
+        plus ``concept_rate_heldout`` = ``1 - erasure_rate_heldout``, the fraction of the edited model's held-out
+        paraphrase images that still show the concept (no attack is run; and ``<concept>/concept_rate_heldout``
+        for several concepts), with its interval.
     Raises:
         ValueError: unknown concept, or an encoder slot the model lacks.
     """
-    result = evaluate_world(model_id, text_encoders or None, concept=tuple(concepts), unet=unet,
-                            exclude=tuple(concepts), seed=seed, quick=quick)
+    result = flat_metrics(evaluate_world(model_id, text_encoders or None, concept=tuple(concepts), unet=unet,
+                                         exclude=tuple(concepts), seed=seed, fidelity="quick" if quick else "full"))
     for key in [k for k in result if k.endswith("erasure_rate_heldout")]:
-        result[key.replace("erasure_rate_heldout", "ASR_heldout")] = 1.0 - result[key]
+        renamed = key.replace("erasure_rate_heldout", "concept_rate_heldout")
+        result[renamed] = 1.0 - result[key]
+        result[f"{renamed}_ci95_lo"] = 1.0 - result[f"{key}_ci95_hi"]
+        result[f"{renamed}_ci95_hi"] = 1.0 - result[f"{key}_ci95_lo"]
+        result[f"{renamed}_n"] = result[f"{key}_n"]
     return result
 
 

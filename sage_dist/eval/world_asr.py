@@ -1,68 +1,49 @@
-"""ASR on the bundled world: pre-ASR + post-ASR on the concept's held-out paraphrases.
+"""ASR on the bundled world under SAGE's own inside-out attack: pre-ASR + post-ASR on held-out paraphrases.
 
-Red-team set: the concept's held-out paraphrases in several contexts (erasure never saw them). Pre-ASR: the
-erased model's image of the prompt shows the concept (by the world's detector). Post-ASR: for prompts that
-did not, SAGE's inside-out attack (:func:`sage_dist.eval.attacks.build_eval_attack`, started from the
-prompt with the concept word appended) is run against the erased encoder and its image is judged the same
-way. ASR = pre-ASR + post-ASR (UnlearnDiffAtk's definition, :func:`sage_dist.eval.metrics.attack_success_rate`).
+The attack SAGE trains against (:func:`sage_dist.eval.attacks.build_eval_attack`), so it is not independent of
+SAGE: the independent red team (UnlearnDiffAtk's prefix tokens, a Ring-A-Bell-style concept direction) is
+:func:`sage_dist.eval.red_team.red_team_world`, which this function calls with the inside-out attack only.
+
+Red-team set: ``2 x per_phrase`` prompts, the concept's held-out paraphrases in the domain's contexts. Each
+post-attack image is rendered from the attacked conditioning on the initial latents of its own prompt's seed,
+the latents of its pre-attack image (:func:`sage_dist.eval.world.render`).
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-from sage_dist.eval.attacks import build_eval_attack
-from sage_dist.eval.generate import generate_images
-from sage_dist.eval.metrics import attack_success_rate
-from sage_dist.eval.world import domain_prompt_sets
-from sage_dist.models.load import edited_pipeline
-from sage_dist.models.registry import sampling_defaults
-from sage_dist.prompts import PromptRecord
-from sage_dist.world.concepts import ATTRIBUTES, concept_domain
-from sage_dist.world.detector import load_detector
-
-
-def _shows_concept(detector, images: torch.Tensor, attribute: str, concept: str) -> list[bool]:
-    with torch.no_grad():
-        logits = detector.heads[attribute](detector.features(images))
-    return [ATTRIBUTES[attribute][i] == concept for i in logits.argmax(-1).tolist()]
+from sage_dist.eval.red_team import red_team_world
+from sage_dist.presets import WORLD_EVAL_FULL
 
 
 def world_asr(pipe, erased_text_encoder, *, concept: str, seed: int = 0, attack_steps: int = 30,
-              per_phrase: int = 2, guidance: float | None = None, num_inference_steps: int | None = None) -> dict:
-    """ASR of an erased world encoder under SAGE's inside-out attack.
+              per_phrase: int = 2, guidance: float | None = None, num_inference_steps: int | None = None,
+              unet=None, out_dir=None) -> dict:
+    """ASR of an erased world encoder (and/or UNet) under SAGE's inside-out attack.
 
     Args:
         pipe: the original world SD pipeline (``load_pipeline("world")``).
-        erased_text_encoder: the erased ``CLIPTextModel``.
+        erased_text_encoder: the erased ``CLIPTextModel`` (None: the original's).
         concept: a world concept (shape, colour or texture).
         attack_steps: J of the evaluation attack.
-        per_phrase: contexts per held-out paraphrase (2 paraphrases each: 2 x per_phrase prompts).
+        per_phrase: contexts per held-out paraphrase (2 paraphrases each: 2 x per_phrase prompts, >= 1).
+        unet: an edited UNet (ESD-x).
+        out_dir: where the adversarial prompts are saved.
     Returns:
-        {"ASR", "pre_ASR", "post_ASR", "num_prompts"} (fractions in [0, 1]).
+        {"ASR", "pre_ASR", "post_ASR", "num_prompts"} (fractions in [0, 1]) and each rate's ``_ci95`` / ``_n``.
     Raises:
-        ValueError: unknown concept.
+        ValueError: unknown concept, ``per_phrase < 1``.
     """
-    dom = concept_domain(concept)
-    defaults = sampling_defaults(pipe)
-    guidance = defaults.guidance if guidance is None else guidance
-    steps = num_inference_steps or defaults.num_inference_steps
-    prompts = domain_prompt_sets(concept, per_phrase)["heldout"]
-    detector = load_detector()
-    erased_pipe = edited_pipeline(pipe, erased_text_encoder)
-    pre = _shows_concept(detector, generate_images(erased_pipe, prompts, seed=seed, guidance=guidance,
-                                            num_inference_steps=steps), dom.attribute, concept)
-    attack = build_eval_attack(pipe, pipe.text_encoder, erased_text_encoder, concept=concept,
-                               attack_steps=attack_steps)
-    post: list[bool | None] = []
-    for j, (prompt, ok) in enumerate(zip(prompts, pre)):
-        if ok:
-            post.append(None)
-            continue
-        adv = attack(PromptRecord(id=str(j), prompt=prompt, seed=seed, guidance=guidance))
-        with torch.no_grad():
-            image = erased_pipe(prompt_embeds=adv.prompt_embeds, num_inference_steps=steps, guidance_scale=guidance,
-                                output_type="pt", generator=torch.Generator().manual_seed(seed)).images
-        post.append(_shows_concept(detector, image.float().clamp(0, 1), dom.attribute, concept)[0])
-    res = attack_success_rate(pre, post)
-    return {"ASR": res.asr, "pre_ASR": res.pre_asr, "post_ASR": res.post_asr, "num_prompts": res.num_prompts}
+    if per_phrase < 1:
+        raise ValueError(f"per_phrase={per_phrase}: use >= 1")
+    fidelity = dataclasses.replace(WORLD_EVAL_FULL, name="inside-out", red_team_prompts=2 * per_phrase,
+                                   inside_out_steps=attack_steps)
+    res = red_team_world(pipe, erased_text_encoder, concept=concept, unet=unet, fidelity=fidelity, seed=seed,
+                         guidance=guidance, num_inference_steps=num_inference_steps, attacks=("inside_out",),
+                         out_dir=out_dir)
+    out = {"num_prompts": 2 * per_phrase}
+    for key, source in (("ASR", "ASR_inside_out"), ("post_ASR", "post_ASR_inside_out"), ("pre_ASR", "pre_ASR")):
+        for suffix in ("", "_ci95", "_n"):
+            out[f"{key}{suffix}"] = res[f"{source}{suffix}"]
+    return out

@@ -5,12 +5,17 @@ import pytest
 
 from sage_dist.world import scene
 from sage_dist.world.concepts import (
+    ATTRIBUTES,
+    COLOURS,
     CONCEPTS,
     SHAPES,
     TEXTURES,
     concept_domain,
     phrases,
+    retain_combos,
+    retain_eval_combos,
     retain_prompts,
+    retain_split,
 )
 
 
@@ -67,6 +72,35 @@ def test_concept_domains():
 
 def test_retain_prompts_exclude_the_concept():
     prompts = retain_prompts("triangle")
-    assert len(prompts) >= 64 and len(set(prompts)) == len(prompts)
+    assert len(prompts) == 60 and len(set(prompts)) == len(prompts)
     assert not any("triangle" in p for p in prompts)
-    assert len(retain_prompts("striped")) >= 64
+    assert len(retain_prompts("striped")) == 48 and len(retain_prompts("red")) == 60
+
+
+def test_retain_split_is_by_combination_disjoint_and_balanced():
+    """Erasure's retain prompts (the train split) never name an evaluation combination; every value of every
+    attribute appears in both splits; the split does not depend on the erased concept."""
+    train = set(retain_combos((), "train"))
+    held_out = set(retain_combos((), "eval"))
+    assert not train & held_out and len(train | held_out) == 6 * 6 * 3 and len(held_out) == 36
+    for attribute, values in ATTRIBUTES.items():
+        index = ("shape", "colour", "texture").index(attribute)
+        for value in values:
+            assert any(c[index] == value for c in train) and any(c[index] == value for c in held_out)
+    for concept in CONCEPTS:
+        words = {p.split(" ", 1)[1] for p in retain_prompts(concept)}
+        combos = {(p.split()[3], p.split()[1], p.split()[2]) for p in retain_prompts(concept)}
+        assert combos <= train and not combos & set(retain_eval_combos(concept)), concept
+        assert concept not in " ".join(words).split()
+    assert retain_split("triangle", "red", "solid") == "train" and retain_split("circle", "red", "solid") == "eval"
+    assert len(retain_eval_combos("triangle")) == 30 and len(retain_eval_combos("solid")) == 24
+    assert all(c[0] in SHAPES and c[1] in COLOURS and c[2] in TEXTURES for c in held_out)
+
+
+def test_retain_split_errors():
+    with pytest.raises(ValueError, match="unknown world shape"):
+        retain_split("hexagon", "red", "solid")
+    with pytest.raises(ValueError, match="unknown world concept"):
+        retain_prompts("hexagon")
+    with pytest.raises(ValueError, match="no combination in the retain evaluation split"):
+        retain_eval_combos(("solid", "striped", "checkered"))
