@@ -19,7 +19,7 @@ from sage_dist.eval.protocol import (
     run_evaluation,
     score_image_folder,
 )
-from sage_dist.eval.world_protocol import run_world_protocol
+from sage_dist.eval.world_protocol import run_world_comparison, run_world_protocol, world_table
 from sage_dist.tracking import check_tracking_reachable, resolve_tracking
 from sage_dist.tracking.evaluation import TrackingUnavailableError
 
@@ -56,7 +56,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="post-attack stage of ASR: UnlearnDiffAtk prefix tokens, or SAGE's inside-out attack")
     p.add_argument("--num-adv-tokens", type=int, help="prefix tokens (default 5; 3 for style)")
     p.add_argument("--attack-steps", type=int, default=None,
-                   help="prefix attack: iterations per timestep (default 40); world: J of the inside-out attack (30)")
+                   help="prefix attack: iterations per timestep (default 40); world: J of the inside-out attack "
+                        "(default: the fidelity's)")
+    p.add_argument("--compare", metavar="DIR", help="world protocol: paired comparison of --text-encoder against "
+                   "this second erase output (or 'original') on identical prompts and noise; delta of every metric "
+                   "with its paired-bootstrap 95%% interval")
+    p.add_argument("--fidelity", choices=["full", "quick"], default="full",
+                   help="world protocol: the powered protocol (default) or the quick one Tune trials use")
     p.add_argument("--attack-timesteps", type=int, default=50, help="timesteps over [0, 1000) (default 50)")
     p.add_argument("--attack-lr", type=float, default=0.01)
     p.add_argument("--attack-target", choices=["noise", "original"], default="noise")
@@ -141,16 +147,25 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--text-encoder is required: `sage-dist erase`'s --out, an encoder folder, or 'original'")
         if args.tracking_uri:  # before any model loads
             check_tracking_reachable(resolve_tracking(args.tracking_uri))
+        if args.compare:
+            base = default_out("world", args.model, args.text_encoder)
+            out = args.out or str(base.with_name(f"{base.name}--vs--{Path(args.compare).name}"))
+            result = run_world_comparison(args.model, args.text_encoder, args.compare, args.concept, out,
+                                          fidelity=args.fidelity, tracking_uri=args.tracking_uri,
+                                          experiment=args.experiment, run_name=args.run_name)
+            print(world_table(result, keys=()))
+            print(f"comparison: {Path(out) / 'comparison.json'}")
+            return 0
         metrics = run_world_protocol(model=args.model, text_encoder=args.text_encoder, concept=args.concept,
                                      out=args.out or str(default_out("world", args.model, args.text_encoder)),
-                                     attack_steps=args.attack_steps or 30, tracking_uri=args.tracking_uri,
-                                     experiment=args.experiment, run_name=args.run_name)
-        for key in ("RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "ASR", "pre_ASR", "post_ASR",
-                    "retention_acc", "retention_acc_original", "FID", "FID_original", "alignment"):
-            if key in metrics:
-                print(f"{key} = {metrics[key]:.4f}")
+                                     attack_steps=args.attack_steps, tracking_uri=args.tracking_uri,
+                                     experiment=args.experiment, run_name=args.run_name, fidelity=args.fidelity)
+        print(world_table(metrics))
         print(f"metrics: {Path(metrics['config']['out']) / 'metrics.json'}")
         return 0
+    if args.compare:
+        raise ValueError("--compare works with --protocol world; for the other protocols compare two runs' "
+                         "outcomes with sage_dist.eval.protocol.compare_outcomes")
     metrics = run_evaluation(config_from_args(args))
     flat = flatten_metrics(metrics)
     for key in sorted(flat):

@@ -82,6 +82,8 @@ class ErasureResult:
     eraser: Eraser | None = None
     """The training state (for evaluation right after training)."""
     unet: torch.nn.Module | None = None
+    retain_prompts: list[str] = field(default_factory=list)
+    """The retain prompts the run trained on (after cleaning), in the order of the retain set."""
     """The edited UNet (ESD-x only; text-encoder methods leave the UNet untouched)."""
 
 
@@ -109,7 +111,8 @@ def save_outputs(out_dir: str | Path, result: ErasureResult, cfg: StudyConfig) -
     out = ensure_writable_folder(out_dir, "output folder")
     record = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_flat_dict().items()},
               "seed": cfg.optim.seed, "versions": package_versions(), "wall_time_s": result.wall_time_s,
-              "history": result.history, "attacks": result.attack_log}
+              "history": result.history, "attacks": result.attack_log,
+              "retain_prompts": result.retain_prompts}
 
     def write(folder: Path) -> None:
         for e, enc in result.text_encoders.items():
@@ -237,7 +240,8 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
     encoders = {e: eraser.conditioner.trained_encoder(e) for e in eraser.conditioner.train_encoders}
     result = ErasureResult(encoders, history, wall, None,
                            {c: s.attack_log for c, s in eraser.concepts.items()}, eraser,
-                           unet=eraser.trainable_module if cfg.erase.method == "esd-x" else None)
+                           unet=eraser.trainable_module if cfg.erase.method == "esd-x" else None,
+                           retain_prompts=list(retain_prompts))
     if out_dir is not None and rank == 0:
         result.out_dir = save_outputs(out_dir, result, cfg)
     return result

@@ -296,6 +296,7 @@ def test_outputs_load_with_from_pretrained_and_swap_into_pipeline(tmp_path):
     assert all(torch.equal(ref[k], v) for k, v in enc.state_dict().items())
     record = json.loads((tmp_path / "out" / "record.json").read_text())
     assert record["seed"] == 0 and len(record["history"]) == 4 and record["wall_time_s"] > 0
+    assert record["retain_prompts"] == result.retain_prompts and len(set(record["retain_prompts"])) >= 4
     assert record["versions"]["torch"] and record["config"]["erase.method"] == "sage"
     pipe = build_tiny_sd(0)
     edited = edited_pipeline(pipe, load_text_encoders(tmp_path / "out", original_encoders(pipe)))

@@ -233,3 +233,17 @@ def test_long_retain_prompts_warning_names_an_id_not_the_text():
         assert warn_long_prompts(prompts, "retain prompts") == 2
     with pytest.warns(UserWarning, match=r"\(first: id r7\)"):
         warn_long_prompts(prompts, "retain prompts", ids=["r0", "r7", "r8", "r9"])
+
+
+def test_world_erasure_trains_only_on_the_train_split_of_the_retain_captions():
+    """The retain prompts erasure uses on the world never share an attribute combination with the evaluation
+    split that scores retention (checked on the prompts the run would record in record.json)."""
+    from sage_dist.config import StudyConfig
+    from sage_dist.train.validate import validate_inputs
+    from sage_dist.world.concepts import retain_eval_combos
+
+    for concept in ("triangle", "red", "striped"):
+        cfg = StudyConfig().replace_flat({"model.model_id": "world", "erase.erase_concept": (concept,)})
+        trained = set(validate_inputs(cfg))
+        held_out = {f"a {c} {t} {s}" for s, c, t in retain_eval_combos(concept)}
+        assert trained and held_out and not trained & held_out, concept
