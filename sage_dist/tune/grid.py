@@ -146,12 +146,14 @@ class GridStudy:
                                  "erase.warmup_steps": cfg.erase.warmup_steps * variant.steps_scale})
 
 
-def smoke_version(study: GridStudy) -> GridStudy:
-    """``study`` with one seed, its ``smoke_variants`` and the :data:`sage_dist.presets.STUDY_SMOKE` budgets."""
+def smoke_version(study: GridStudy, overrides: dict[str, Any] | None = None) -> GridStudy:
+    """``study`` with one seed, its ``smoke_variants`` and the :data:`sage_dist.presets.STUDY_SMOKE` budgets;
+    ``overrides`` (dotted keys the user gave explicitly) are applied on top of the budgets, so they win."""
     keep = set(study.smoke_variants) or {v.name for v in study.variants}
     every = 2 if study.interference_every else 0
-    return dataclasses.replace(study, base=study.base.replace_flat(STUDY_SMOKE), seeds=study.seeds[:1],
-                               variants=tuple(v for v in study.variants if v.name in keep), interference_every=every)
+    return dataclasses.replace(study, base=study.base.replace_flat({**STUDY_SMOKE, **(overrides or {})}),
+                               seeds=study.seeds[:1], variants=tuple(v for v in study.variants if v.name in keep),
+                               interference_every=every)
 
 
 # ---- pipelines (one load per process; Tune reuses trial processes) -------------------------------------
@@ -315,15 +317,27 @@ def read_records(out_dir: str | Path, study: str) -> list[dict[str, Any]]:
                   key=lambda r: (r["variant"], r["seed"]))
 
 
-def run_local(study: GridStudy, out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every trial of ``study`` one after another in this process (tests; no Ray, no MLflow)."""
+def grid_cells(study: GridStudy) -> list[tuple[Variant, int]]:
+    """Every (variant, seed) of ``study``, variants first."""
+    return [(v, seed) for v in study.variants for seed in study.seeds]
+
+
+def pending_cells(study: GridStudy, out_dir: str | Path) -> list[tuple[Variant, int]]:
+    """The cells of ``study`` without an ``ok`` trial record under ``out_dir`` (what a resume runs)."""
+    done = {(r["variant"], r["seed"]) for r in read_records(out_dir, study.name) if r["status"] == "ok"}
+    return [(v, seed) for v, seed in grid_cells(study) if (v.name, seed) not in done]
+
+
+def run_local(study: GridStudy, out_dir: str | Path, *, resume: bool = False) -> list[dict[str, Any]]:
+    """Every trial of ``study`` one after another in this process (tests; no Ray, no MLflow), each record
+    written as soon as the trial ends; ``resume`` skips the cells with an ``ok`` record. Returns the records of
+    the trials run."""
     records = []
-    for variant in study.variants:
-        for seed in study.seeds:
-            try:
-                record = execute_trial(study, variant, seed)
-            except (FloatingPointError, RuntimeError) as err:
-                record = failed_record(study, variant, seed, err)
-            write_record(out_dir, record)
-            records.append(record)
+    for variant, seed in pending_cells(study, out_dir) if resume else grid_cells(study):
+        try:
+            record = execute_trial(study, variant, seed)
+        except (FloatingPointError, RuntimeError) as err:
+            record = failed_record(study, variant, seed, err)
+        write_record(out_dir, record)
+        records.append(record)
     return records
