@@ -36,6 +36,7 @@ from sage_dist.tracking import (
     git_sha,
     resolve_tracking,
 )
+from sage_dist.tracking.mlflow_tracker import child_runs
 from sage_dist.tune.cluster import (
     check_writable,
     cluster_capacity,
@@ -116,6 +117,17 @@ def _end_quietly(tracker, status: str, reason: str = "") -> None:
         tracker.end(status, reason)
     except Exception as err:  # noqa: BLE001 - the trial's own outcome stands
         log.warning("could not close MLflow run %s as %s: %s: %s", tracker.run_id, status, type(err).__name__, err)
+
+
+def _kill_runs(parent, reason: str) -> None:
+    """End a study's parent run and its child runs still RUNNING (trials an interrupt stopped) as KILLED; a
+    tracking error is logged (the driver is exiting on an interrupt)."""
+    try:
+        for run in child_runs(parent.tracking_uri, parent.run_id, status="RUNNING"):
+            MlflowTracker(parent.tracking_uri, run.info.run_id).end("KILLED", reason)
+    except Exception as err:  # noqa: BLE001 - the interrupt is what the driver reports
+        log.warning("could not close the trial runs of %s: %s: %s", parent.run_id, type(err).__name__, err)
+    _end_quietly(parent, "KILLED", reason)
 
 
 def _trial_name(trial) -> str:
@@ -272,11 +284,14 @@ def launch(studies: list[GridStudy], settings: RunSettings, *, resume: bool = Fa
         except KeyboardInterrupt as err:
             for name, ref in refs.items():
                 if name not in finished:
-                    ray.cancel(ref, force=True)
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception as cancel_err:  # noqa: BLE001 - the driver exits and takes its job along
+                        log.warning("could not cancel study %s: %s", name, cancel_err)
             for name, (_, parent) in parents.items():
                 if name not in finished:
-                    _end_quietly(parent, "KILLED", f"interrupted ({type(err).__name__}); --resume runs the trials "
-                                                   "without a record")
+                    _kill_runs(parent, f"interrupted ({type(err).__name__}); --resume runs the trials without a "
+                                       "record")
             if isinstance(err, StudyInterrupted):
                 raise
             raise StudyInterrupted(type(err).__name__) from err

@@ -328,7 +328,9 @@ def _run(plan: SearchPlan, search_space: SearchSpaceFn, t0: float, *, where: str
         _end_parent(parent, "KILLED", reason)
         log.warning("study %s; its state is saved in %s; resume it with --resume %s", reason, study_dir,
                     study_dir.name)
-    elif not tracking_error:
+    elif tracking_error:
+        _end_parent(parent, "FAILED", f"results not logged ({tracking_error}); they are in {study_dir}")
+    else:
         _end_parent(parent, "FINISHED")
     return outcome
 
@@ -356,8 +358,10 @@ def _log_results(parent, target, rows: list[TrialRow], table: str, trials_json: 
 
 
 def _end_parent(parent, status: str, reason: str = "") -> None:
+    """End the parent run (an interrupt's reason also goes to the ``interrupted`` tag); a tracking error is
+    logged, since the outcome is returned either way."""
     try:
-        if reason:
+        if status == "KILLED":
             parent.set_tags({"interrupted": reason})
         parent.end(status, reason=reason)
     except Exception as err:  # noqa: BLE001 - the outcome is returned either way

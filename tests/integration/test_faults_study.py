@@ -123,12 +123,15 @@ def test_tracking_server_killed_mid_study(tmp_path, local_ray):
     uri = f"http://127.0.0.1:{port}"
     servers = [tiny_study.start_mlflow_server(root, port)]
     storage = tmp_path / "studies"
+    outage = []
 
     def kill_and_restart():
         tiny_study.wait_for(lambda: list(storage.glob("tiny-*/train/*/step_*")), "a trial's first checkpoint")
         tiny_study.stop_group(servers[0], first=signal.SIGKILL)
+        outage.append(time.time())
         time.sleep(8)
         servers.append(tiny_study.start_mlflow_server(root, port))
+        outage.append(time.time())
 
     injector = _in_background(kill_and_restart)
     try:
@@ -146,6 +149,11 @@ def test_tracking_server_killed_mid_study(tmp_path, local_ray):
         assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
         for run in runs:
             assert _loss_steps(uri, run.info.run_id) == list(range(NUM_STEPS))
+        # the trials were still logging when the server went down (their last losses date from the outage on)
+        from mlflow import MlflowClient
+
+        last_loss_ms = max(m.timestamp for r in runs for m in MlflowClient(uri).get_metric_history(r.info.run_id, "loss"))
+        assert last_loss_ms >= outage[0] * 1000, (last_loss_ms, outage)
         (parent,) = search_runs(uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")
         assert parent.info.status == "FINISHED"
     finally:
@@ -167,7 +175,7 @@ def test_train_worker_killed_mid_trial_resumes_to_the_same_encoder(tmp_path, loc
     killed = []
 
     def kill_worker():
-        tiny_study.wait_for(lambda: list(storage.glob("tiny-*/train/*/step_*")), "the trial's first checkpoint")
+        tiny_study.wait_for(lambda: any(_saved_steps(storage).values()), "the trial's first checkpoint")
         workers = tiny_study.wait_for(lambda: _my_processes("ray::RayTrainWorker"), "the Train worker process")
         for proc in workers:
             proc.send_signal(signal.SIGKILL)

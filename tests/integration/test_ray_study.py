@@ -198,3 +198,21 @@ def test_interrupted_study_is_killed_and_says_how_to_resume(tmp_path):
     (again,) = search_runs(uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")
     assert again.info.run_id == parent.info.run_id and again.info.status == "KILLED"
     assert again.data.tags["sage_dist.attempts"] == "2"
+
+
+def test_results_survive_a_tracking_store_that_fails_after_the_trials(tmp_path, local_ray, monkeypatch):
+    """The tracking store fails in the driver once the trials have run (MLflow's client gives up after its
+    retries): the study still returns its outcome, writes its table and trials.json to the study folder, and
+    says what failed, instead of raising and losing them."""
+    from sage_dist.tracking import MlflowTracker
+    from sage_dist.tune.search import run_search
+
+    def down(self, *args, **kwargs):
+        raise ConnectionError("MLflow server 127.0.0.1 refused the connection (injected)")
+
+    monkeypatch.setattr(MlflowTracker, "log_text", down)  # the driver's first call after the trials
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_search(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 1, 1))
+    assert [r.status for r in out.rows] == ["ok"] and "injected" in out.tracking_error
+    assert (out.study_dir / "pareto_table.md").read_text() == out.table
+    assert json.loads((out.study_dir / "trials.json").read_text())[0]["status"] == "ok"
