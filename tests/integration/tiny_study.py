@@ -55,9 +55,10 @@ def search_space_with_nan(trial) -> dict:
     return {"optim.lr": 1e4} if trial.number == NAN_TRIAL else {}
 
 
-def options(storage: str, num_samples: int, max_concurrent: int, resume: str = "") -> StudyOptions:
+def options(storage: str, num_samples: int, max_concurrent: int, resume: str = "", *,
+            log_images: bool = True) -> StudyOptions:
     return StudyOptions(name="tiny", num_samples=num_samples, storage=storage, ray_address="local",
-                        max_concurrent=max_concurrent, resume=resume, log_encoder=True)
+                        max_concurrent=max_concurrent, resume=resume, log_encoder=True, log_images=log_images)
 
 
 def smoke(cfg: StudyConfig) -> StudyConfig:
