@@ -232,13 +232,14 @@ def results_complete(rows: list[TrialRow], expected: int, *, mode: str) -> bool:
     return mode == "single" or all(r.status in ("ok", "failed") for r in rows)
 
 
-def _expected_trials(plan: SearchPlan) -> int:
-    """Trials the study was started with (the saved :data:`STUDY_FILE` of a resumed study: Tune restores the
-    original ``num_samples``, whatever this run's options say)."""
+def _saved_study(plan: SearchPlan) -> tuple[int, str]:
+    """``(num_samples, mode)`` the study was started with: for a resumed study those of its :data:`STUDY_FILE`
+    (Tune restores the original search, whatever this run's options say)."""
     saved = plan.study_dir / STUDY_FILE
     if plan.resuming and saved.is_file():
-        return int(json.loads(saved.read_text())["num_samples"])
-    return plan.opts.num_samples
+        meta = json.loads(saved.read_text())
+        return int(meta["num_samples"]), str(meta["mode"])
+    return plan.opts.num_samples, plan.opts.mode
 
 
 # ---- the study -----------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def _run(plan: SearchPlan, search_space: SearchSpaceFn, t0: float, *, where: str
     cfg, opts, objectives, target, study_dir = plan.cfg, plan.opts, plan.objectives, plan.target, plan.study_dir
     from ray import tune
 
-    expected = _expected_trials(plan)
+    expected, mode = _saved_study(plan)
     if not plan.resuming:
         study_dir.mkdir(parents=True, exist_ok=True)
         (study_dir / STUDY_FILE).write_text(json.dumps({"name": opts.name, "mode": opts.mode,
@@ -303,7 +304,7 @@ def _run(plan: SearchPlan, search_space: SearchSpaceFn, t0: float, *, where: str
         with watch_tune_interrupt() as watch:
             results = tuner.fit()
         rows = rows_from_results(results, objectives)
-        interrupted = watch["interrupted"] or not results_complete(rows, expected, mode=opts.mode)
+        interrupted = watch["interrupted"] or not results_complete(rows, expected, mode=mode)
         ostudy = build_optuna_study(rows, objectives, search_space)
         mark_pareto(rows, ostudy)
         table = format_table(rows, objectives)

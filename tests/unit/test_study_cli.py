@@ -5,6 +5,7 @@ experiment exists (Ray's start and MLflow's run creation raise in these tests), 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,6 @@ def test_search_study_input_errors_come_before_ray_and_mlflow(argv, words, tmp_p
         cli.main(tune_gamma.config, tune_gamma.search_space, [*argv, *common], name="tune_gamma",
                  smoke=tune_gamma.smoke)
     assert exit_info.value.code == 2
-    import re
-
     assert re.search(words, capsys.readouterr().err), words
 
 
@@ -143,8 +142,6 @@ def test_explicit_grid_settings_win_over_the_smoke_test():
     (["--tracking-uri", "sqlite:///relative.db"], "absolute SQLite path"),
 ])
 def test_grid_study_input_errors_come_before_ray_and_mlflow(argv, words, tmp_path, nothing_starts, capsys):
-    import re
-
     from sage_dist.cli.studies import main
 
     blocker = tmp_path / "a_file"
@@ -159,3 +156,49 @@ def test_grid_study_input_errors_come_before_ray_and_mlflow(argv, words, tmp_pat
         main(load_study("frozen_unet").study, ["--smoke-test", *argv])
     assert exit_info.value.code == 2
     assert re.search(words, capsys.readouterr().err), words
+
+
+# ---- interrupts -----------------------------------------------------------------------------------------
+def test_sigterm_raises_an_interrupt_or_reaches_a_graceful_sigint_handler():
+    import os
+    import signal
+
+    from sage_dist.tune.interrupts import StudyInterrupted, stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StudyInterrupted, match="SIGTERM"), stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))  # a graceful handler
+    try:
+        with stop_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert caught == [signal.SIGINT]
+
+
+def test_an_interrupt_that_tune_caught_is_seen_after_fit():
+    """Ray Tune's handler, on its first signal, puts back the handler it found: that is how the study learns
+    that ``fit()`` returned early."""
+    import os
+    import signal
+
+    from sage_dist.tune.interrupts import watch_tune_interrupt
+
+    def fit(signal_arrives: bool) -> bool:
+        with watch_tune_interrupt() as watch:
+            found = signal.getsignal(signal.SIGINT)
+
+            def tune_handler(signum, frame):  # what tune.run installs
+                signal.signal(signal.SIGINT, found)
+
+            signal.signal(signal.SIGINT, tune_handler)
+            if signal_arrives:
+                os.kill(os.getpid(), signal.SIGINT)
+        return watch["interrupted"]
+
+    assert fit(signal_arrives=True) and not fit(signal_arrives=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
