@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Callable
 
 from sage_dist.config import parse_overrides
-from sage_dist.train.validate import validate_inputs
 from sage_dist.tune.cluster import check_writable
 from sage_dist.tune.grid import (
     GridStudy,
     grid_cells,
+    preflight,
     read_records,
     run_local,
     smoke_version,
@@ -105,27 +105,6 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
     if wanted - known:
         raise ValueError(f"--variants {sorted(wanted - known)}: no such variant; the studies have {sorted(known)}")
     return args, studies
-
-
-def preflight(study) -> None:
-    """Every variant's pre-flight checks (concepts, model source, retain set size) before anything starts.
-
-    Raises:
-        ValueError: naming the study and variant, with the check's own message.
-    """
-    for variant in study.variants:
-        try:
-            cfg = study.variant_config(variant, study.seeds[0])
-            if variant.procedure == "sequential":  # one single-concept erasure per stage (grid.execute_trial)
-                runs = [cfg.replace_flat({"erase.erase_concept": (c,)}) for c in cfg.erase.erase_concept]
-            elif variant.procedure == "transfer":  # erased on the source model, evaluated on this one
-                runs = [cfg.replace_flat({"model.model_id": variant.source_model, "model.train_encoders": (0,)})]
-            else:
-                runs = [cfg]
-            for run in runs:
-                validate_inputs(run)
-        except ValueError as err:
-            raise ValueError(f"study {study.name}, variant {variant.name}: {err}") from err
 
 
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",

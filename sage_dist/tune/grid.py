@@ -52,6 +52,7 @@ from sage_dist.presets import STUDY_SMOKE
 from sage_dist.tracking import NullTracker
 from sage_dist.train.interference import InterferenceProbe
 from sage_dist.train.loop import run_erasure
+from sage_dist.train.validate import validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,27 @@ class GridStudy:
             return cfg
         return cfg.replace_flat({"optim.num_steps": cfg.optim.num_steps * variant.steps_scale,
                                  "erase.warmup_steps": cfg.erase.warmup_steps * variant.steps_scale})
+
+
+def preflight(study: GridStudy) -> None:
+    """Every variant's pre-flight checks (concepts, model source, retain set size) before anything starts.
+
+    Raises:
+        ValueError: naming the study and variant, with the check's own message.
+    """
+    for variant in study.variants:
+        try:
+            cfg = study.variant_config(variant, study.seeds[0])
+            if variant.procedure == "sequential":  # one single-concept erasure per stage (execute_trial)
+                runs = [cfg.replace_flat({"erase.erase_concept": (c,)}) for c in cfg.erase.erase_concept]
+            elif variant.procedure == "transfer":  # erased on the source model, evaluated on this one
+                runs = [cfg.replace_flat({"model.model_id": variant.source_model, "model.train_encoders": (0,)})]
+            else:
+                runs = [cfg]
+            for run in runs:
+                validate_inputs(run)
+        except ValueError as err:
+            raise ValueError(f"study {study.name}, variant {variant.name}: {err}") from err
 
 
 def smoke_version(study: GridStudy, overrides: dict[str, Any] | None = None) -> GridStudy:

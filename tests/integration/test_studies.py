@@ -176,7 +176,7 @@ def test_preflight_rejects_a_variant_before_anything_runs():
     per trial, after the other studies had run)."""
     import dataclasses
 
-    from sage_dist.cli.studies import preflight
+    from sage_dist.tune.grid import preflight
 
     study = load_study_module("multi_concept").study()
     preflight(study)
