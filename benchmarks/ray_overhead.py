@@ -2,7 +2,7 @@
 
 1. In-process: ``train_fn_per_worker`` called directly (load the pipeline, train, evaluate, log to MLflow).
 2. Under Ray: a study of ``--trials`` trials of the very same configuration (the search space has one point),
-   one at a time, each a Tune trial that builds its own TorchTrainer (``sage_dist.tune.study.execute``).
+   one at a time, each a Tune trial that builds its own TorchTrainer (``sage_dist.tune.search.run_search``).
 
 Ray's share = 1 - in-process time / per-trial Ray time; ``ray.init`` is reported separately (paid once per
 study, or never when the study joins a running cluster). Per trial, the worker's own split (process start to
@@ -61,7 +61,8 @@ def main() -> None:
     )
     from sage_dist.tracking import MlflowTracker, ensure_experiment, resolve_tracking
     from sage_dist.train.ray_worker import WorkerRun, train_fn_per_worker, worker_config
-    from sage_dist.tune.study import StudyOptions, connect_ray, execute
+    from sage_dist.tune.cluster import connect_ray
+    from sage_dist.tune.search import StudyOptions, run_search
 
     tmp = tempfile.mkdtemp(prefix="ray_overhead_")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -89,7 +90,7 @@ def main() -> None:
     ray_init = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    out = execute(cfg, functools.partial(one_point, cfg.retain.retain_loss_weight), StudyOptions(name="ray_overhead", num_samples=args.trials, storage=tmp,
+    out = run_search(cfg, functools.partial(one_point, cfg.retain.retain_loss_weight), StudyOptions(name="ray_overhead", num_samples=args.trials, storage=tmp,
                                                ray_address="local", max_concurrent=1))
     study_wall = time.perf_counter() - t0
     per_trial = study_wall / args.trials

@@ -12,9 +12,9 @@ Real model (GPU):                          python studies/dual_encoder.py --mode
 Expected runtime: ~8-10 min of the 45-minute open_questions run on 2 cores.
 """
 
+from sage_dist.cli.studies import main
 from sage_dist.config import StudyConfig
 from sage_dist.presets import study_base
-from sage_dist.cli.studies import main
 from sage_dist.tune.concepts import single_concept
 from sage_dist.tune.grid import GridStudy, Variant
 

@@ -13,9 +13,9 @@ Real model (artist styles, GPU):        python studies/frozen_unet.py --model Co
 Expected runtime: ~8 min of the 45-minute open_questions run on 2 cores.
 """
 
+from sage_dist.cli.studies import main
 from sage_dist.config import StudyConfig
 from sage_dist.presets import study_base
-from sage_dist.cli.studies import main
 from sage_dist.tune.concepts import style_concepts
 from sage_dist.tune.grid import GridStudy, Variant
 

@@ -14,10 +14,10 @@ Real model (artist concepts, GPU):         python studies/multi_concept.py --mod
 Expected runtime: ~15 min of the 45-minute open_questions run on 2 cores (the N=8 trials dominate).
 """
 
-from sage_dist.config import StudyConfig
-from sage_dist.presets import study_base
 from sage_dist.cli.studies import main
+from sage_dist.config import StudyConfig
 from sage_dist.models.registry import is_world
+from sage_dist.presets import study_base
 from sage_dist.tune.concepts import multi_concepts
 from sage_dist.tune.grid import GridStudy, Variant
 

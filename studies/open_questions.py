@@ -12,17 +12,13 @@ Real models (GPU cluster):           python studies/open_questions.py --model Co
 Expected runtime: <= 45 min on 2 cores (world), measured per-trial costs in the README's studies section.
 """
 
-import sys
-from pathlib import Path
+# run as a script, this file's folder is on the import path: the four study files import by name
+import dual_encoder
+import frozen_unet
+import multi_concept
+import template_bias
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import dual_encoder  # noqa: E402
-import frozen_unet  # noqa: E402
-import multi_concept  # noqa: E402
-import template_bias  # noqa: E402
-
-from sage_dist.cli.studies import main  # noqa: E402
+from sage_dist.cli.studies import main
 
 STUDIES = [multi_concept.study, dual_encoder.study, template_bias.study, frozen_unet.study]
 

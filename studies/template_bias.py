@@ -14,12 +14,12 @@ Real model (GPU):                       python studies/template_bias.py --model 
 Expected runtime: ~8 min of the 45-minute open_questions run on 2 cores.
 """
 
+from sage_dist.attack.mining import MINED_LIBRARY
+from sage_dist.cli.studies import main
 from sage_dist.config import StudyConfig
 from sage_dist.presets import study_base
-from sage_dist.cli.studies import main
 from sage_dist.tune.concepts import single_concept
 from sage_dist.tune.grid import GridStudy, Variant
-from sage_dist.attack.mining import MINED_LIBRARY
 
 
 def config(model: str = "world") -> StudyConfig:

@@ -17,10 +17,10 @@ Per-trial budget on the world (2 cores): ``sage_dist.presets.WORLD_SEARCH`` (48 
 1000 steps at 1e-5 is for SD), the quick world evaluation.
 """
 
+from sage_dist.cli.study import main
 from sage_dist.config import StudyConfig
 from sage_dist.presets import WORLD_SEARCH, WORLD_SEARCH_SMOKE
 from sage_dist.tune.space import SageSpace
-from sage_dist.tune.study import run_study
 
 SPACE = SageSpace(retain_loss_weight=(0.1, 10.0), attack_steps=(1, 30), top_k=(1, 8), warmup_steps=(0, 24))
 
@@ -38,4 +38,4 @@ def search_space(trial) -> dict:
 
 
 if __name__ == "__main__":
-    run_study(config, search_space, name="tune_gamma", smoke=smoke, description=__doc__)
+    main(config, search_space, name="tune_gamma", smoke=smoke, description=__doc__)

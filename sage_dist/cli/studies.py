@@ -3,12 +3,19 @@
 A study file defines ``study(model: str | None = None) -> GridStudy`` and calls :func:`main` with it;
 ``open_questions.py`` calls :func:`main` with several. Options:
 
-* ``--smoke-test``: one seed, the study's smoke variants, :data:`sage_dist.presets.STUDY_SMOKE` budgets (seconds per trial);
+* ``--smoke-test``: one seed, the study's smoke variants, :data:`sage_dist.presets.STUDY_SMOKE` budgets (seconds per
+  trial); what is given explicitly wins over it (``--seeds``, ``--variants``, every ``--section.field=value``);
 * ``--model``: the model to erase from (each study has its default: "world", or "world-xl" for the
   dual-encoder study); Hub ids / folders of SD v1.4 or SDXL run the same grids with the text-space proxy;
 * ``--tracking-uri``, ``--ray-address``, ``--cpus-per-trial``, ``--out``, ``--report``, ``--seeds``;
 * ``--local``: run every trial one after another in this process, without Ray or MLflow (debugging, tests);
+* ``--resume``: run only the trials without an ``ok`` record in ``--out`` (after an interrupt or failures);
 * any ``--section.field=value``: a config override applied to every study's base config.
+
+Bad input (an override, a variant's pre-flight check, the tracking URI, an unwritable ``--out`` or report
+folder) stops the launch before Ray starts and before any MLflow run exists (exit status 2). An interrupt
+(Ctrl+C, SIGTERM) keeps the records of the trials that ended, marks the unfinished studies' parent runs KILLED
+and prints the ``--resume`` command (exit status 130).
 """
 
 from __future__ import annotations
@@ -18,17 +25,20 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from sage_dist.train.validate import validate_inputs
+from sage_dist.config import parse_overrides
+from sage_dist.tune.cluster import check_writable
 from sage_dist.tune.grid import (
     GridStudy,
+    grid_cells,
+    preflight,
     read_records,
     run_local,
     smoke_version,
-    write_record,
 )
 from sage_dist.tune.grid_runner import RunSettings, launch
 from sage_dist.tune.report import write_report
@@ -56,34 +66,40 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run trials one after another here, no Ray/MLflow")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the trial records under "
                    "--out (nothing runs)")
+    p.add_argument("--resume", action="store_true", help="run only the trials without an ok record in --out (after "
+                   "an interrupt or failed trials); the report covers every trial")
     return p
 
 
 def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
     """Parse ``argv`` and build the studies (validated, before Ray starts); returns ``(args, studies)``.
 
+    ``--smoke-test`` applies the smoke budgets first; the explicit ``--section.field=value`` overrides,
+    ``--tracking-uri``, ``--seeds`` and ``--variants`` are applied after it, so they win.
+
     Raises:
         ValueError: a bad override, a ``--variants`` name no study has, or a variant's failed pre-flight check.
     """
     args, rest = build_parser(description).parse_known_args(argv)
+    explicit = parse_overrides(rest)
+    if args.tracking_uri:
+        explicit["tracking.tracking_uri"] = args.tracking_uri
+    seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds else ()
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     studies, known = [], set()
     for fn in study_fns:
         study = fn(args.model) if args.model else fn()
-        if rest:
-            study = dataclasses.replace(study, base=study.base.override(rest))
-        if args.tracking_uri:
-            study = dataclasses.replace(study, base=study.base.replace_flat({"tracking.tracking_uri": args.tracking_uri}))
-        if args.seeds:
-            study = dataclasses.replace(study, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
-        if args.smoke_test:
-            study = smoke_version(study)
         known |= {v.name for v in study.variants}
         if wanted:
             chosen = tuple(v for v in study.variants if v.name in wanted)
             if not chosen:
                 continue
-            study = dataclasses.replace(study, variants=chosen)
+            # the chosen variants run under --smoke-test too, whatever the study's smoke variants are
+            study = dataclasses.replace(study, variants=chosen, smoke_variants=tuple(v.name for v in chosen))
+        study = smoke_version(study, explicit) if args.smoke_test else dataclasses.replace(
+            study, base=study.base.replace_flat(explicit))
+        if seeds:
+            study = dataclasses.replace(study, seeds=seeds)
         preflight(study)
         studies.append(study)
     if wanted - known:
@@ -91,64 +107,71 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
     return args, studies
 
 
-def preflight(study) -> None:
-    """Every variant's pre-flight checks (concepts, model source, retain set size) before anything starts.
-
-    Raises:
-        ValueError: naming the study and variant, with the check's own message.
-    """
-    for variant in study.variants:
-        try:
-            cfg = study.variant_config(variant, study.seeds[0])
-            if variant.procedure == "sequential":  # one single-concept erasure per stage (grid.execute_trial)
-                runs = [cfg.replace_flat({"erase.erase_concept": (c,)}) for c in cfg.erase.erase_concept]
-            elif variant.procedure == "transfer":  # erased on the source model, evaluated on this one
-                runs = [cfg.replace_flat({"model.model_id": variant.source_model, "model.train_encoders": (0,)})]
-            else:
-                runs = [cfg]
-            for run in runs:
-                validate_inputs(run)
-        except ValueError as err:
-            raise ValueError(f"study {study.name}, variant {variant.name}: {err}") from err
-
-
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
          title: str = "Open questions", default_report: str = "") -> Path:
-    """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path."""
+    """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path.
+
+    Exits with status 2 on bad input (before Ray or MLflow start) and 130 when interrupted, after printing the
+    command that resumes the launch.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
     fns = study_fns if isinstance(study_fns, list) else [study_fns]
-    args, studies = prepare(fns, argv, description)
-    out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / "open_questions")
-    out_dir = out_dir.expanduser().resolve()
-    report = Path(args.report or default_report or out_dir / "report.md")
-    if args.report_only:
-
-        records = {s.name: read_records(out_dir, s.name) for s in studies}
-        summary = out_dir / "run_summary.json"
-        preamble = json.loads(summary.read_text())["preamble"] if summary.is_file() else ""
-        path = write_report(studies, records, report, title=title, preamble=preamble)
-        print(f"report: {path} (rewritten from {sum(len(r) for r in records.values())} trial records in {out_dir})")
-        return path
-    t0 = time.time()
-    if args.local:
-        records = {s.name: run_local(s, out_dir) for s in studies}
-    else:
-
+    parser = build_parser(description)
+    try:
+        args, studies = prepare(fns, argv, description)
+        out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / "open_questions")
+        out_dir = out_dir.expanduser().resolve()
+        report = Path(args.report or default_report or out_dir / "report.md")
+        if args.report_only:
+            return _rewrite_report(studies, out_dir, report, title)
+        check_writable(report.resolve().parent, "--report folder")
         settings = RunSettings(out_dir=str(out_dir), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
                                cpus_per_trial=args.cpus_per_trial)
-        records = launch(studies, settings)
+        if args.local:
+            check_writable(out_dir, "--out")
+    except (ValueError, ConnectionError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    t0 = time.time()
+    try:
+        if args.local:
+            records = {s.name: run_local(s, out_dir, resume=args.resume) for s in studies}
+        else:
+            records = launch(studies, settings, resume=args.resume)
+    except (ValueError, ConnectionError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except KeyboardInterrupt as err:
+        command = " ".join(["python", sys.argv[0], *[a for a in argv if a != "--resume"], "--resume"])
+        print(f"\nstudies interrupted ({type(err).__name__}); the records of the trials that ended are in {out_dir}, "
+              f"the unfinished studies' parent MLflow runs are marked KILLED.\nresume with: {command}")
+        raise SystemExit(130) from err
     wall = time.time() - t0
-    for recs in records.values():
-        for r in recs:
-            write_record(out_dir, r)
+    if args.resume:  # the report covers every cell of the grids, those run before included
+        records = {s.name: _grid_records(s, out_dir) for s in studies}
     trials = sum(len(r) for r in records.values())
-    preamble = (f"Generated by `{' '.join(['python', *(argv if argv is not None else os.sys.argv)])}`"
+    preamble = (f"Generated by `{' '.join(['python', sys.argv[0], *argv])}`"
                 f"{' (smoke test: budgets too small for the numbers to mean anything)' if args.smoke_test else ''}. "
                 f"{len(studies)} studies, {trials} trials, wall time {wall / 60:.1f} min "
+                f"{'(this resumed run) ' if args.resume else ''}"
                 f"({'in-process' if args.local else f'Ray, {args.cpus_per_trial:g} CPU per trial'}).")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_summary.json").write_text(json.dumps({"preamble": preamble, "wall_s": wall, "trials": trials}))
     path = write_report(studies, records, report, title=title, preamble=preamble)
     print(f"report: {path}\ntrial records: {out_dir}\nwall time: {wall:.0f} s for {trials} trials")
+    return path
+
+
+def _grid_records(study: GridStudy, out_dir: Path) -> list[dict]:
+    """The records under ``out_dir`` of the cells of ``study``'s grid."""
+    cells = {(v.name, seed) for v, seed in grid_cells(study)}
+    return [r for r in read_records(out_dir, study.name) if (r["variant"], r["seed"]) in cells]
+
+
+def _rewrite_report(studies: list[GridStudy], out_dir: Path, report: Path, title: str) -> Path:
+    """``--report-only``: the report from the trial records under ``out_dir`` and the saved preamble."""
+    records = {s.name: read_records(out_dir, s.name) for s in studies}
+    summary = out_dir / "run_summary.json"
+    preamble = json.loads(summary.read_text())["preamble"] if summary.is_file() else ""
+    path = write_report(studies, records, report, title=title, preamble=preamble)
+    print(f"report: {path} (rewritten from {sum(len(r) for r in records.values())} trial records in {out_dir})")
     return path

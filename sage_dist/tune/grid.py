@@ -52,6 +52,7 @@ from sage_dist.presets import STUDY_SMOKE
 from sage_dist.tracking import NullTracker
 from sage_dist.train.interference import InterferenceProbe
 from sage_dist.train.loop import run_erasure
+from sage_dist.train.validate import validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,35 @@ class GridStudy:
                                  "erase.warmup_steps": cfg.erase.warmup_steps * variant.steps_scale})
 
 
-def smoke_version(study: GridStudy) -> GridStudy:
-    """``study`` with one seed, its ``smoke_variants`` and the :data:`sage_dist.presets.STUDY_SMOKE` budgets."""
+def preflight(study: GridStudy) -> None:
+    """Every variant's pre-flight checks (concepts, model source, retain set size) before anything starts.
+
+    Raises:
+        ValueError: naming the study and variant, with the check's own message.
+    """
+    for variant in study.variants:
+        try:
+            cfg = study.variant_config(variant, study.seeds[0])
+            if variant.procedure == "sequential":  # one single-concept erasure per stage (execute_trial)
+                runs = [cfg.replace_flat({"erase.erase_concept": (c,)}) for c in cfg.erase.erase_concept]
+            elif variant.procedure == "transfer":  # erased on the source model, evaluated on this one
+                runs = [cfg.replace_flat({"model.model_id": variant.source_model, "model.train_encoders": (0,)})]
+            else:
+                runs = [cfg]
+            for run in runs:
+                validate_inputs(run)
+        except ValueError as err:
+            raise ValueError(f"study {study.name}, variant {variant.name}: {err}") from err
+
+
+def smoke_version(study: GridStudy, overrides: dict[str, Any] | None = None) -> GridStudy:
+    """``study`` with one seed, its ``smoke_variants`` and the :data:`sage_dist.presets.STUDY_SMOKE` budgets;
+    ``overrides`` (dotted keys the user gave explicitly) are applied on top of the budgets, so they win."""
     keep = set(study.smoke_variants) or {v.name for v in study.variants}
     every = 2 if study.interference_every else 0
-    return dataclasses.replace(study, base=study.base.replace_flat(STUDY_SMOKE), seeds=study.seeds[:1],
-                               variants=tuple(v for v in study.variants if v.name in keep), interference_every=every)
+    return dataclasses.replace(study, base=study.base.replace_flat({**STUDY_SMOKE, **(overrides or {})}),
+                               seeds=study.seeds[:1], variants=tuple(v for v in study.variants if v.name in keep),
+                               interference_every=every)
 
 
 # ---- pipelines (one load per process; Tune reuses trial processes) -------------------------------------
@@ -315,15 +339,27 @@ def read_records(out_dir: str | Path, study: str) -> list[dict[str, Any]]:
                   key=lambda r: (r["variant"], r["seed"]))
 
 
-def run_local(study: GridStudy, out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every trial of ``study`` one after another in this process (tests; no Ray, no MLflow)."""
+def grid_cells(study: GridStudy) -> list[tuple[Variant, int]]:
+    """Every (variant, seed) of ``study``, variants first."""
+    return [(v, seed) for v in study.variants for seed in study.seeds]
+
+
+def pending_cells(study: GridStudy, out_dir: str | Path) -> list[tuple[Variant, int]]:
+    """The cells of ``study`` without an ``ok`` trial record under ``out_dir`` (what a resume runs)."""
+    done = {(r["variant"], r["seed"]) for r in read_records(out_dir, study.name) if r["status"] == "ok"}
+    return [(v, seed) for v, seed in grid_cells(study) if (v.name, seed) not in done]
+
+
+def run_local(study: GridStudy, out_dir: str | Path, *, resume: bool = False) -> list[dict[str, Any]]:
+    """Every trial of ``study`` one after another in this process (tests; no Ray, no MLflow), each record
+    written as soon as the trial ends; ``resume`` skips the cells with an ``ok`` record. Returns the records of
+    the trials run."""
     records = []
-    for variant in study.variants:
-        for seed in study.seeds:
-            try:
-                record = execute_trial(study, variant, seed)
-            except (FloatingPointError, RuntimeError) as err:
-                record = failed_record(study, variant, seed, err)
-            write_record(out_dir, record)
-            records.append(record)
+    for variant, seed in pending_cells(study, out_dir) if resume else grid_cells(study):
+        try:
+            record = execute_trial(study, variant, seed)
+        except (FloatingPointError, RuntimeError) as err:
+            record = failed_record(study, variant, seed, err)
+        write_record(out_dir, record)
+        records.append(record)
     return records

@@ -1,11 +1,16 @@
 """Run grid studies as Ray Tune experiments, several at once on one Ray cluster (the open-question studies).
 
-Each :class:`~sage_dist.tune.grid.GridStudy` is one Tune experiment: ``tune.grid_search`` over its variants
-x ``tune.grid_search`` over its seeds; each trial (:func:`grid_trial`) runs one erasure and its evaluation in
-its own process with a fraction of a CPU (``cpus_per_trial``), one torch thread, and logs to a child MLflow
-run under the study's parent run in the study's own MLflow experiment (``<experiment_prefix><study name>``).
-Several studies are launched concurrently, each ``Tuner.fit()`` inside its own Ray task, so they share the
-cluster's CPUs; the driver waits for all of them.
+Each :class:`~sage_dist.tune.grid.GridStudy` is one Tune experiment: ``tune.grid_search`` over its cells
+(variant, seed) still to run; each trial (:func:`grid_trial`) runs one erasure and its evaluation in its own
+process with a fraction of a CPU (``cpus_per_trial``), one torch thread, writes its trial record as soon as it
+ends, and logs to a child MLflow run under the study's parent run in the study's own MLflow experiment
+(``<experiment_prefix><study name>``). Several studies are launched concurrently, each ``Tuner.fit()`` inside
+its own Ray task, so they share the cluster's CPUs; the driver waits for all of them.
+
+Before Ray starts: the tracking store and the output folder are checked. An interrupt of the driver (Ctrl+C,
+SIGTERM) stops every study, marks the parent runs of the unfinished ones KILLED and raises
+:class:`~sage_dist.tune.interrupts.StudyInterrupted` (a ``KeyboardInterrupt``); the records of the trials that
+ended are kept, and ``resume=True`` runs only the cells without an ``ok`` record, under the same parent runs.
 
 Why no TorchTrainer per trial (the search studies of :mod:`sage_dist.tune` build one): these trials are
 single-worker, and starting a Train worker group costs ~30 s on a 2-core machine, more than a short world
@@ -25,19 +30,30 @@ from typing import Any
 from sage_dist.tracking import (
     MlflowTracker,
     NullTracker,
+    TrackingTarget,
     check_tracking_reachable,
     ensure_experiment,
     git_sha,
     resolve_tracking,
+)
+from sage_dist.tracking.mlflow_tracker import child_runs
+from sage_dist.tune.cluster import (
+    check_writable,
+    cluster_capacity,
+    connect_ray,
+    require_shared_storage,
 )
 from sage_dist.tune.grid import (
     GridStudy,
     Variant,
     execute_trial,
     failed_record,
+    grid_cells,
+    pending_cells,
+    trial_path,
     write_record,
 )
-from sage_dist.tune.study import cluster_capacity, connect_ray, require_shared_storage
+from sage_dist.tune.interrupts import StudyInterrupted, stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +84,13 @@ class RunSettings:
 
 def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSettings, experiment_id: str,
                parent_run_id: str) -> None:
-    """Tune function trainable: one (variant, seed) of ``study``; reports the trial record as JSON."""
+    """Tune function trainable: one (variant, seed) of ``study``; writes the trial record under
+    ``settings.out_dir`` (so it survives an interrupted launch) and reports it as JSON."""
     import ray.tune
     import torch
 
-
     torch.set_num_threads(settings.torch_threads)
-    variant, seed = Variant.from_dict(config["variant"]), int(config["seed"])
+    variant, seed = Variant.from_dict(config["cell"]["variant"]), int(config["cell"]["seed"])
     tracker = NullTracker()
     if experiment_id:
         tracker = MlflowTracker.start(resolve_tracking(settings.tracking_uri), experiment_id,
@@ -86,34 +102,68 @@ def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSetting
         tracker.log_params(study.variant_config(variant, seed).to_flat_dict())
         record = execute_trial(study, variant, seed, tracker=tracker)
     except BaseException as err:
-        tracker.end("FAILED", f"{type(err).__name__}: {err}"[:2000])
+        write_record(settings.out_dir, failed_record(study, variant, seed, err))
+        _end_quietly(tracker, "FAILED", f"{type(err).__name__}: {err}"[:2000])
         raise
-    tracker.end("FINISHED")
+    write_record(settings.out_dir, record)
+    _end_quietly(tracker, "FINISHED")
     numeric = {k: v for k, v in record["metrics"].items() if isinstance(v, float) and "/" not in k}
     ray.tune.report({**numeric, "record_json": json.dumps(record, default=float)})
 
 
+def _end_quietly(tracker, status: str, reason: str = "") -> None:
+    """Close a run; a tracking error is logged (the trial's record on disk is what the report reads)."""
+    try:
+        tracker.end(status, reason)
+    except Exception as err:  # noqa: BLE001 - the trial's own outcome stands
+        log.warning("could not close MLflow run %s as %s: %s: %s", tracker.run_id, status, type(err).__name__, err)
+
+
+def _kill_runs(parent, reason: str) -> None:
+    """End a study's parent run and its child runs still RUNNING (trials an interrupt stopped) as KILLED; a
+    tracking error is logged (the driver is exiting on an interrupt)."""
+    try:
+        for run in child_runs(parent.tracking_uri, parent.run_id, status="RUNNING"):
+            MlflowTracker(parent.tracking_uri, run.info.run_id).end("KILLED", reason)
+    except Exception as err:  # noqa: BLE001 - the interrupt is what the driver reports
+        log.warning("could not close the trial runs of %s: %s: %s", parent.run_id, type(err).__name__, err)
+    _end_quietly(parent, "KILLED", reason)
+
+
 def _trial_name(trial) -> str:
-    return f"{trial.config['variant']['name']}-s{trial.config['seed']}-{trial.trial_id}"
+    cell = trial.config["cell"]
+    return f"{cell['variant']['name']}-s{cell['seed']}-{trial.trial_id}"
 
 
-def _start_parent(study: GridStudy, settings: RunSettings):
+def parent_key(settings: RunSettings, study: GridStudy) -> str:
+    """The ``sage_dist.key`` tag of a study's parent run: one per study and output folder, found again by a
+    resumed launch."""
+    return f"grid:{Path(settings.out_dir) / study.name}"
+
+
+def _start_parent(study: GridStudy, settings: RunSettings, *, resume: bool):
     """The study's MLflow experiment and parent run (created by the driver, one study after another: several
-    processes creating a fresh SQLite store at once race on its tables)."""
+    processes creating a fresh SQLite store at once race on its tables); ``resume`` reopens the newest parent
+    run of this study and output folder."""
     target = resolve_tracking(settings.tracking_uri)
     experiment_id = ensure_experiment(target, settings.experiment_prefix + study.name)
-    parent = MlflowTracker.start(target, experiment_id, run_name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                 tags={"study": study.name, "git_sha": git_sha(), "sage_dist.kind": "grid_study",
-                                       "question": study.question})
+    tags = {"study": study.name, "git_sha": git_sha(), "sage_dist.kind": "grid_study", "question": study.question}
+    name = f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume:
+        parent = MlflowTracker.find_or_start(target, experiment_id, key=parent_key(settings, study), run_name=name,
+                                             tags=tags)
+    else:
+        parent = MlflowTracker.start(target, experiment_id, run_name=name,
+                                     tags={**tags, "sage_dist.key": parent_key(settings, study)})
     parent.log_params({**study.base.to_flat_dict(), "grid.variants": ",".join(v.name for v in study.variants),
                        "grid.seeds": ",".join(map(str, study.seeds))})
     return experiment_id, parent
 
 
-def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """Run one study's Tune experiment (in a Ray task) and return its trial records."""
+def _fit_study(study: GridStudy, cells: list[tuple[Variant, int]], settings: RunSettings, experiment_id: str,
+               parent_run_id: str) -> list[dict[str, Any]]:
+    """Run one study's ``cells`` as a Tune experiment (in a Ray task) and return their trial records."""
     from ray import tune
-
 
     t0 = time.time()
     parent = MlflowTracker(_resolved(settings.tracking_uri), parent_run_id)
@@ -129,8 +179,7 @@ def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, pare
         {"cpu": settings.cpus_per_trial})
     tuner = tune.Tuner(
         trainable,
-        param_space={"variant": tune.grid_search([v.to_dict() for v in study.variants]),
-                     "seed": tune.grid_search(list(study.seeds))},
+        param_space={"cell": tune.grid_search([{"variant": v.to_dict(), "seed": seed} for v, seed in cells])},
         tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -144,10 +193,10 @@ def _fit_study(study: GridStudy, settings: RunSettings, experiment_id: str, pare
     variants = {v.name: v for v in study.variants}
     records = []
     for result in grid:  # (Tune warns that result.json is missing: file loggers are off, metrics come from memory)
-        cfg = result.config or {}
-        variant = variants[cfg["variant"]["name"]]
+        cell = (result.config or {})["cell"]
+        variant = variants[cell["variant"]["name"]]
         if result.error is not None or not result.metrics or "record_json" not in result.metrics:
-            records.append(failed_record(study, variant, int(cfg["seed"]), result.error or RuntimeError("no result")))
+            records.append(failed_record(study, variant, int(cell["seed"]), result.error or RuntimeError("no result")))
         else:
             record = json.loads(result.metrics["record_json"])
             if record["study"] != study.name:
@@ -163,44 +212,87 @@ def _resolved(uri: str) -> str:
     return resolve_tracking(uri).tracking_uri
 
 
-def launch(studies: list[GridStudy], settings: RunSettings) -> dict[str, list[dict[str, Any]]]:
-    """Run ``studies`` concurrently on one Ray cluster (module docstring); writes every trial record under
-    ``settings.out_dir`` and returns them per study.
+def check_launch(settings: RunSettings) -> TrackingTarget:
+    """The checks of a launch that need no Ray cluster: the tracking store answers, the output folder can be
+    written.
 
     Raises:
-        ValueError: bad settings or tracking URI (before Ray starts).
+        ValueError: a bad tracking URI or an unwritable output folder.
+        ConnectionError: the MLflow server does not answer.
+    """
+    target = resolve_tracking(settings.tracking_uri)
+    check_tracking_reachable(target)
+    check_writable(Path(settings.out_dir), "--out")
+    return target
+
+
+def launch(studies: list[GridStudy], settings: RunSettings, *, resume: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Run ``studies`` concurrently on one Ray cluster (module docstring); every trial writes its record under
+    ``settings.out_dir``; returns the records of the cells run, per study. ``resume`` runs only the cells
+    without an ``ok`` record and reopens the studies' parent runs.
+
+    Raises:
+        ValueError: bad settings, tracking URI or output folder (before Ray starts).
         ConnectionError: the tracking server or the Ray cluster cannot be reached.
+        StudyInterrupted: Ctrl+C or SIGTERM; the parent runs of the studies that had not finished are KILLED.
     """
     import ray
 
-
-    target = resolve_tracking(settings.tracking_uri)
-    check_tracking_reachable(target)
+    target = check_launch(settings)
     # resolved once here: trials and the per-study Ray tasks may run where $MLFLOW_TRACKING_URI differs
     settings = dataclasses.replace(settings, tracking_uri=target.tracking_uri)
+    cells = {s.name: pending_cells(s, settings.out_dir) if resume else grid_cells(s) for s in studies}
+    todo = [s for s in studies if cells[s.name]]
+    for s in studies:
+        if not cells[s.name]:
+            log.info("study %s: every trial has an ok record in %s; nothing to run", s.name, settings.out_dir)
+    if not todo:
+        return {s.name: [] for s in studies}
     where = connect_ray(settings.ray_address)
     require_shared_storage(settings.out_dir, cluster_capacity()[1])
-    log.info("Ray: %s; %d studies, %s trials", where, len(studies),
-             "+".join(str(len(s.variants) * len(s.seeds)) for s in studies))
-    fit = ray.remote(num_cpus=0)(_fit_study)
-    parents = {s.name: _start_parent(s, settings) for s in studies}
-    refs = {s.name: fit.remote(s, settings, parents[s.name][0], parents[s.name][1].run_id) for s in studies}
-    by_name = {s.name: s for s in studies}
-    out: dict[str, list[dict[str, Any]]] = {}
-    pending = dict(refs)
-    while pending:
-        done, _ = ray.wait(list(pending.values()), num_returns=1)
-        name = next(k for k, v in pending.items() if v == done[0])
-        del pending[name]
+    with stop_on_sigterm():  # after ray.init, which installs its own SIGTERM handler (sys.exit)
+        log.info("Ray: %s; %d studies, %s trials", where, len(todo), "+".join(str(len(cells[s.name])) for s in todo))
+        fit = ray.remote(num_cpus=0)(_fit_study)
+        by_name = {s.name: s for s in todo}
+        parents: dict[str, tuple[str, Any]] = {}
+        refs: dict[str, Any] = {}
+        out: dict[str, list[dict[str, Any]]] = {s.name: [] for s in studies}
+        finished: set[str] = set()
         try:
-            out[name] = ray.get(done[0])
-        except Exception as err:  # one broken study must not take the others down
-            log.error("study %s failed: %s", name, err)
-            parents[name][1].end("FAILED", f"{type(err).__name__}: {err}"[:2000])
-            study = by_name[name]
-            out[name] = [failed_record(study, v, seed, err) for v in study.variants for seed in study.seeds]
-        for record in out[name]:
-            write_record(settings.out_dir, record)
-        log.info("study %s finished: %d/%d trials ok", name, sum(r["status"] == "ok" for r in out[name]),
-                 len(out[name]))
+            for s in todo:
+                parents[s.name] = _start_parent(s, settings, resume=resume)
+            refs = {s.name: fit.remote(s, cells[s.name], settings, parents[s.name][0], parents[s.name][1].run_id)
+                    for s in todo}
+            pending = dict(refs)
+            while pending:
+                done, _ = ray.wait(list(pending.values()), num_returns=1)
+                name = next(k for k, v in pending.items() if v == done[0])
+                del pending[name]
+                try:
+                    out[name] = ray.get(done[0])
+                except Exception as err:  # one broken study must not take the others down
+                    log.error("study %s failed: %s", name, err)
+                    _end_quietly(parents[name][1], "FAILED", f"{type(err).__name__}: {err}"[:2000])
+                    out[name] = [failed_record(by_name[name], v, seed, err) for v, seed in cells[name]]
+                for record in out[name]:  # a trial wrote its own record (with its traceback) unless it died
+                    if record["status"] == "ok" or not trial_path(settings.out_dir, name, record["variant"],
+                                                                  record["seed"]).is_file():
+                        write_record(settings.out_dir, record)
+                finished.add(name)
+                log.info("study %s finished: %d/%d trials ok", name, sum(r["status"] == "ok" for r in out[name]),
+                         len(out[name]))
+        except KeyboardInterrupt as err:
+            for name, ref in refs.items():
+                if name not in finished:
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception as cancel_err:  # noqa: BLE001 - the driver exits and takes its job along
+                        log.warning("could not cancel study %s: %s", name, cancel_err)
+            for name, (_, parent) in parents.items():
+                if name not in finished:
+                    _kill_runs(parent, f"interrupted ({type(err).__name__}); --resume runs the trials without a "
+                                       "record")
+            if isinstance(err, StudyInterrupted):
+                raise
+            raise StudyInterrupted(type(err).__name__) from err
     return out

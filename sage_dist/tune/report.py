@@ -3,9 +3,7 @@
 Works on trial records alone (``grid.read_records`` or hand-made dicts with ``variant``, ``seed``, ``status``,
 ``metrics``, ``curves``), so a report can be rewritten from a finished run without Ray::
 
-    python -c "from sage_dist.tune.report import rewrite; rewrite('runs/open_questions', 'reports/open_questions.md')"
-
-(``rewrite`` needs the study definitions: it imports ``studies/*.py`` through :mod:`sage_dist.cli.studies`.)
+    python studies/open_questions.py --report-only --out runs/open_questions
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Ray 2.60 runs Train V2, where a ``TorchTrainer`` can no longer be passed to ``Tuner``; instead each trial is a
 Tune function trainable that builds a TorchTrainer with ``RunConfig(callbacks=[TuneReportCallback()])``, which
-forwards rank 0's ``ray.train.report`` metrics (and checkpoint paths) to Tune (Ray 2.60's Train V2).
+forwards rank 0's ``ray.train.report`` metrics (and checkpoint paths) to Tune; here only the reports that carry
+every metric Tune's searcher or scheduler reads (``TrialSettings.tune_metrics``).
 
 Per trial this function
 
@@ -13,7 +14,8 @@ Per trial this function
    resumed trial continues from its latest Train checkpoint instead of starting over;
 4. on failure, records the root cause on the child run (status FAILED, tag ``failure_reason``) and re-raises
    so Tune marks the trial ERROR and the study goes on. Deterministic failures (NaN loss, invalid config) are
-   remembered in ``<study>/failed/<trial id>.txt`` and not re-run by Tune's retries.
+   remembered in ``<study>/failed/<trial id>.txt`` and not re-run by Tune's retries. A tracking error while the
+   run is closed is logged and changes nothing about the trial's outcome.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class TrialSettings:
     """Commit the study runs from (tag)."""
     driver_cpus: float = 0.2
     """CPUs reserved for the trial's own process (it only waits on the TorchTrainer)."""
-    train_max_failures: int = 0
-    """Ray Train worker-group restarts inside one trial attempt (Tune's FailureConfig retries whole trials)."""
+    tune_metrics: tuple[str, ...] = ()
+    """Metrics Tune's searcher (and scheduler) read: a worker report reaches Tune only when it carries all of
+    them (multi-objective: the final report; ASHA: every checkpoint's ``text_score``)."""
     log_images: bool = True
     """Log the original-vs-erased image grid of every trial."""
     log_encoder: bool = True
@@ -99,7 +102,6 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
     t_enter = time.time()
     settings = TrialSettings(**config["trial"])
     context = ray.tune.get_context()
@@ -133,8 +135,10 @@ def run_trial(config: dict[str, Any]) -> None:
                                                    resources_per_worker={"CPU": s.cpus_per_worker}),
             run_config=ray.train.RunConfig(
                 name=trial_id, storage_path=str(study_dir / "train"),
-                callbacks=[TuneReportCallback()],
-                failure_config=ray.train.FailureConfig(max_failures=settings.train_max_failures),
+                callbacks=[_objective_reports(TuneReportCallback, settings.tune_metrics)],
+                # a worker failure ends this attempt; Tune's FailureConfig retries the trial, whose Train run
+                # (same name, same storage) continues from its latest checkpoint
+                failure_config=ray.train.FailureConfig(max_failures=0),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                 worker_runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}),
         )
@@ -147,15 +151,41 @@ def run_trial(config: dict[str, Any]) -> None:
         if kind in DETERMINISTIC_ERRORS and not failed_marker.is_file():
             failed_marker.parent.mkdir(parents=True, exist_ok=True)
             failed_marker.write_text(reason)
-        tracker.end("FAILED", reason)
+        _close_run(tracker, "FAILED", reason)
         log.error("trial %s failed: %s", trial_id, reason)
         raise RuntimeError(f"trial {trial_id} failed: {reason}") from err
     del result
     # Where the trial's wall time went (the worker's own split is in its final metrics): MLflow only, since a
     # report from here would replace the worker's final result as the trial's last result in Tune.
-    tracker.log_metrics({"time_trial_setup_s": t_fit - t_enter, "time_trial_fit_s": t_done - t_fit,
-                         "time_trial_process_age_s": t_enter - _process_start_time()}, 0)
-    tracker.end("FINISHED")
+    _close_run(tracker, "FINISHED", timing={"time_trial_setup_s": t_fit - t_enter, "time_trial_fit_s": t_done - t_fit,
+                                            "time_trial_process_age_s": t_enter - _process_start_time()})
+
+
+def _close_run(tracker, status: str, reason: str = "", timing: dict[str, float] | None = None) -> None:
+    """Close the trial's child run. A tracking error here is logged, not raised: the trial's outcome (its
+    Tune result, its saved encoder) stands, and the study driver closes a run left RUNNING from that outcome."""
+    try:
+        if timing:
+            tracker.log_metrics(timing, 0)
+        tracker.end(status, reason)
+    except Exception as err:  # noqa: BLE001 - the trial's own result or error is what counts
+        log.warning("could not close MLflow run %s as %s (%s: %s); the study driver closes it at the end",
+                    tracker.run_id, status, type(err).__name__, err)
+
+
+def _objective_reports(callback_class, required: tuple[str, ...]):
+    """A ``TuneReportCallback`` (``callback_class``) that forwards a worker report to Tune only when it carries
+    every metric in ``required``: Tune refuses a result without the metrics its searcher or scheduler reads,
+    and intermediate reports carry losses and the text proxy while image-space objectives (RER, FID) arrive
+    only with a trial's final report."""
+    required = tuple(required)
+
+    class ObjectiveReports(callback_class):
+        def after_report(self, run_context, metrics, checkpoint):
+            if all(k in metrics[0] for k in required):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveReports()
 
 
 def _process_start_time() -> float:

@@ -94,7 +94,7 @@ def test_a_resumed_run_moves_the_earlier_failure_to_history(tmp_path):
 def test_closing_a_failed_study_never_replaces_its_error(caplog):
     """If MLflow itself fails while the parent run is being closed after an error, the warning is logged and the
     caller re-raises its own error (not MLflow's)."""
-    from sage_dist.tune.study import _close_failed_parent
+    from sage_dist.tune.search import _close_failed_parent
 
     class Unreachable:
         def set_tags(self, tags):

@@ -1,14 +1,14 @@
 """End to end under local Ray (2 CPUs): a 2-trial tiny-sd study logged to an ``mlflow server`` (found through
-its REST API and MLflow's client), a NaN trial recorded as failed while the study goes on, and a study whose
-driver is killed mid-run resumed without losing or repeating the finished trial."""
+its REST API and MLflow's client), a NaN trial recorded as failed while the study goes on, a study whose
+driver is killed mid-run resumed without losing or repeating the finished trial, and a study interrupted by
+Ctrl+C and then by SIGTERM, each time marked KILLED with the command that resumes it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,55 +22,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import tiny_study  # noqa: E402
 
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop a process group this test started (TERM, then KILL)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=20)
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1:<free port> in its own process group; the group is stopped at the end."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    port = tiny_study.free_port()
+    proc = tiny_study.start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), port)
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not answer /health within 120 s")
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        _stop_group(proc)
+        tiny_study.stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +53,9 @@ def _api(url: str, path: str, **payload):
 
 
 def test_two_trial_study_logged_to_a_server_with_a_failed_trial(tmp_path, mlflow_server, local_ray):
-    from sage_dist.tune.study import execute
+    from sage_dist.tune.search import run_search
 
-    out = execute(tiny_study.config(mlflow_server), tiny_study.search_space_with_nan,
+    out = run_search(tiny_study.config(mlflow_server), tiny_study.search_space_with_nan,
                   tiny_study.options(str(tmp_path), num_samples=2, max_concurrent=2))
     status = sorted(r.status for r in out.rows)
     assert status == ["failed", "ok"], out.table
@@ -141,13 +102,11 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, local
     from ray.tune.search.optuna import OptunaSearch
 
     from sage_dist.tracking.mlflow_tracker import child_runs, search_runs
-    from sage_dist.tune.study import execute
+    from sage_dist.tune.search import run_search
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import tiny_study; "
-            f"tiny_study.main([{str(tmp_path)!r}, {uri!r}, '2', '1'])")
-    driver = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, start_new_session=True,
-                              stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    driver = tiny_study.study_driver(tmp_path, ["--storage", str(tmp_path), "--tracking-uri", uri, "--num-samples", "2",
+                                                "--max-concurrent", "1"], "driver.log")
     try:
         deadline = time.time() + 300
         finished = []
@@ -171,10 +130,10 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, local
             time.sleep(1)
         assert saved, "Tune never saved the finished trial's state"
     finally:
-        _stop_group(driver)  # the driver "crashes": its whole process group, local Ray included, goes
+        tiny_study.stop_group(driver)  # the driver "crashes": its whole process group, local Ray included, goes
 
-    out = execute(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 2, 1,
-                                                                                      resume="latest"))
+    out = run_search(tiny_study.config(uri), tiny_study.search_space,
+                     tiny_study.options(str(tmp_path), 2, 1, resume="latest"))
     assert [r.status for r in out.rows] == ["ok", "ok"], out.table
     first_id = finished[0].parent.name.split("_")[2]
     assert first_id in {r.trial_id for r in out.rows}
@@ -192,15 +151,68 @@ def test_parent_run_is_closed_when_the_tuner_cannot_be_built(tmp_path, local_ray
     """An error between the parent run's start and the study's end leaves the parent FAILED with the reason,
     not RUNNING forever in the UI."""
     from sage_dist.tracking.mlflow_tracker import search_runs
-    from sage_dist.tune import study
+    from sage_dist.tune import search
 
     def broken(*args, **kwargs):
         raise RuntimeError("tuner construction failed (injected)")
 
-    monkeypatch.setattr(study, "build_tuner", broken)
+    monkeypatch.setattr(search, "build_tuner", broken)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError, match="injected"):
-        study.execute(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 1, 1))
+        search.run_search(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 1, 1))
     (parent,) = search_runs(uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")
     assert parent.info.status == "FAILED"
     assert "injected" in parent.data.tags["failure_reason"]
+
+
+def test_interrupted_study_is_killed_and_says_how_to_resume(tmp_path):
+    """Ctrl+C (SIGINT to the driver's process group, as a terminal sends it; Ray Tune catches the first one and
+    returns early) and then SIGTERM (what ``kill``, systemd and Kubernetes send) to the resumed study: each
+    time the parent run ends KILLED, never FINISHED, the driver exits 130 and prints the resume command."""
+    from sage_dist.tracking.mlflow_tracker import search_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--storage", str(tmp_path), "--tracking-uri", uri, "--num-samples", "2", "--max-concurrent", "1"]
+    log1 = tmp_path / "driver1.log"
+    driver = tiny_study.study_driver(tmp_path, argv, log1.name)
+    try:
+        tiny_study.wait_for(lambda: list(tmp_path.glob("tiny-*/train/*/step_*")), "a trial's first checkpoint", log1)
+        os.killpg(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, log1.read_text()[-3000:]
+    finally:
+        tiny_study.stop_group(driver)
+    printed = re.search(r"^resume with: .* --resume (\S+)$", log1.read_text(), re.M)
+    assert printed, log1.read_text()[-3000:]
+    (parent,) = search_runs(uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")
+    assert parent.info.status == "KILLED" and "interrupted" in parent.data.tags
+
+    log2 = tmp_path / "driver2.log"
+    driver = tiny_study.study_driver(tmp_path, [*argv, "--resume", printed.group(1)], log2.name)
+    try:
+        tiny_study.wait_for(lambda: "erasing (" in log2.read_text(), "the resumed study to train", log2)
+        os.kill(driver.pid, signal.SIGTERM)
+        assert driver.wait(timeout=180) == 130, log2.read_text()[-3000:]
+    finally:
+        tiny_study.stop_group(driver)
+    assert f"--resume {printed.group(1)}" in log2.read_text()
+    (again,) = search_runs(uri, "tiny_study", "tags.`sage_dist.kind` = 'study'")
+    assert again.info.run_id == parent.info.run_id and again.info.status == "KILLED"
+    assert again.data.tags["sage_dist.attempts"] == "2"
+
+
+def test_results_survive_a_tracking_store_that_fails_after_the_trials(tmp_path, local_ray, monkeypatch):
+    """The tracking store fails in the driver once the trials have run (MLflow's client gives up after its
+    retries): the study still returns its outcome, writes its table and trials.json to the study folder, and
+    says what failed, instead of raising and losing them."""
+    from sage_dist.tracking import MlflowTracker
+    from sage_dist.tune.search import run_search
+
+    def down(self, *args, **kwargs):
+        raise ConnectionError("MLflow server 127.0.0.1 refused the connection (injected)")
+
+    monkeypatch.setattr(MlflowTracker, "log_text", down)  # the driver's first call after the trials
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_search(tiny_study.config(uri), tiny_study.search_space, tiny_study.options(str(tmp_path), 1, 1))
+    assert [r.status for r in out.rows] == ["ok"] and "injected" in out.tracking_error
+    assert (out.study_dir / "pareto_table.md").read_text() == out.table
+    assert json.loads((out.study_dir / "trials.json").read_text())[0]["status"] == "ok"

@@ -1,17 +1,21 @@
-"""Open-question studies (``studies/*.py``, ``sage_dist/studies``): smoke paths, report writer, mined library.
+"""Grid studies (``studies/*.py`` on ``sage_dist.tune.grid``): smoke paths, report writer, mined library, and an
+interrupted launch resumed.
 
 Default set (not slow, ~1-2 min): the mined template library's constraints, the report writer on hand-made
 records, the interference measure, each study's grid and smoke grid, every smoke variant of every study on
 random tiny models (text-space metrics), and two smoke trials on the bundled world (template library from
 COCO; ESD-x). ``slow``: the other world smoke trials and every study's full ``--smoke-test --local``;
 ``ray`` + ``slow``: all four smoke studies launched concurrently on a local Ray instance with an MLflow SQLite
-store.
+store. ``ray``: a two-cell tiny grid launch interrupted by Ctrl+C and resumed.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +23,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_study  # noqa: E402
+
 STUDY_FILES = ("multi_concept", "dual_encoder", "template_bias", "frozen_unet")
 
 
@@ -169,7 +176,7 @@ def test_preflight_rejects_a_variant_before_anything_runs():
     per trial, after the other studies had run)."""
     import dataclasses
 
-    from sage_dist.cli.studies import preflight
+    from sage_dist.tune.grid import preflight
 
     study = load_study_module("multi_concept").study()
     preflight(study)
@@ -332,3 +339,48 @@ def test_variants_option_selects_variants_and_rejects_unknown_names():
     assert [v.name for v in studies[0].variants] == ["joint-8", "sequential-2"]
     with pytest.raises(ValueError, match="no such variant"):
         prepare([fn], ["--variants", "joint-9"], "")
+
+
+@pytest.mark.ray
+def test_interrupted_grid_launch_is_killed_keeps_finished_trials_and_resumes(tmp_path):
+    """Ctrl+C (SIGINT to the launch's process group) once one of two cells has its record: the study's parent
+    run ends KILLED, the finished cell's record stays, the driver exits 130 and prints the --resume command;
+    that command runs only the missing cell, under the same parent run, which then ends FINISHED."""
+    from sage_dist.tracking.mlflow_tracker import child_runs, search_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--report", str(tmp_path / "report.md"), "--tracking-uri", uri,
+            "--cpus-per-trial", "2"]  # one cell at a time on the 2-CPU instance
+    records = out / "tiny_grid" / "trials"
+    log1 = tmp_path / "launch1.log"
+    driver = tiny_study.study_driver(tmp_path, argv, log1.name, entry="grid_main")
+    try:
+        (first,) = tiny_study.wait_for(lambda: list(records.glob("*.json")), "the first trial record", log1)
+        os.killpg(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, log1.read_text()[-3000:]
+    finally:
+        tiny_study.stop_group(driver)
+    done = json.loads(first.read_text())
+    assert done["status"] == "ok"
+    printed = re.search(r"^resume with: .* --resume$", log1.read_text(), re.M)
+    assert printed, log1.read_text()[-3000:]
+    (parent,) = search_runs(uri, "open_questions.tiny_grid", "tags.`sage_dist.kind` = 'grid_study'")
+    assert parent.info.status == "KILLED"
+
+    log2 = tmp_path / "launch2.log"
+    driver = tiny_study.study_driver(tmp_path, [*argv, "--resume"], log2.name, entry="grid_main")
+    try:
+        assert driver.wait(timeout=300) == 0, log2.read_text()[-3000:]
+    finally:
+        tiny_study.stop_group(driver)
+    assert sorted(p.name for p in records.glob("*.json")) == ["high__s0.json", "low__s0.json"]
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in records.glob("*.json"))
+    (again,) = search_runs(uri, "open_questions.tiny_grid", "tags.`sage_dist.kind` = 'grid_study'")
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    runs = sorted((r.data.tags["variant"], r.info.status) for r in child_runs(uri, parent.info.run_id))
+    other = ({"low", "high"} - {done["variant"]}).pop()
+    assert [run for run in runs if run[0] == done["variant"]] == [(done["variant"], "FINISHED")]  # ran once
+    assert (other, "FINISHED") in runs and set(runs) <= {(done["variant"], "FINISHED"), (other, "FINISHED"),
+                                                         (other, "KILLED")}  # an interrupted attempt is KILLED
+    assert "| low | 1 | 0 |" in (tmp_path / "report.md").read_text()

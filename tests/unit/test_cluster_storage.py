@@ -4,7 +4,7 @@ environment that cluster.yaml sets on every node."""
 import pytest
 
 from sage_dist.tracking import resolve_tracking
-from sage_dist.tune.study import filesystem_type, require_shared_storage
+from sage_dist.tune.cluster import filesystem_type, require_shared_storage
 
 MOUNTS = """\
 /dev/vda1 / ext4 rw,relatime 0 0
@@ -47,14 +47,15 @@ def test_tracking_uri_defaults_to_the_environment(monkeypatch, tmp_path):
 
 def test_trial_concurrency_plans_on_what_the_autoscaler_can_add():
     from sage_dist.config import StudyConfig
-    from sage_dist.tune.study import StudyOptions, trial_concurrency
+    from sage_dist.tune.cluster import trial_concurrency
 
     cfg = StudyConfig().replace_flat({"scaling.use_gpu": True, "scaling.num_workers": 1, "scaling.cpus_per_worker": 1.0})
-    opts = StudyOptions(name="t", num_samples=12, driver_cpus=0.5)
     head_only = {"CPU": 6.0, "GPU": 0.0}  # cluster.yaml's head before any GPU node starts
     with pytest.raises(ValueError, match="0 GPUs"):
-        trial_concurrency(cfg, opts, head_only)
-    assert trial_concurrency(cfg, opts, head_only, can_grow=True) == 1
+        trial_concurrency(cfg, head_only, driver_cpus=0.5, num_samples=12)
+    assert trial_concurrency(cfg, head_only, driver_cpus=0.5, num_samples=12, can_grow=True) == 1
     # with the autoscaler's maximum (16 GPUs, 6 + 8 x 4 + 2 x 48 CPUs) as cluster_capacity reports it
-    assert trial_concurrency(cfg, opts, {"CPU": 134.0, "GPU": 16.0}) == 12  # capped by num_samples
-    assert trial_concurrency(cfg, StudyOptions(name="t", num_samples=40, driver_cpus=0.5), {"CPU": 134.0, "GPU": 16.0}) == 16
+    full = {"CPU": 134.0, "GPU": 16.0}
+    assert trial_concurrency(cfg, full, driver_cpus=0.5, num_samples=12) == 12  # capped by num_samples
+    assert trial_concurrency(cfg, full, driver_cpus=0.5, num_samples=40) == 16
+    assert trial_concurrency(cfg, full, driver_cpus=0.5, num_samples=40, max_concurrent=3) == 3
