@@ -42,7 +42,7 @@ def study(model: str = "world-xl") -> GridStudy:
         name="dual_encoder", question="Can text-encoder-only erasure work with SDXL's two text encoders?",
         hypothesis=__doc__.split("Hypothesis: ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model), variants=tuple(variants),
-        metrics=("RER_domain", "RER_word", "RER_heldout", "retention_acc", "FID", "source_RER_domain"),
+        metrics=("RER_domain", "RER_word", "RER_heldout", "retention_acc", "KID", "source_RER_domain"),
         plot_metrics=("RER_domain", "RER_heldout", "retention_acc"), smoke_variants=("encoder2", "transfer-from-sd"),
         notes="`source_RER_domain`: the transferred encoder's RER on the SD model it was erased on.")
 

@@ -1,7 +1,7 @@
 """Frozen UNet: what does keeping the UNet frozen cost? SAGE against ESD-x on styles (reports/open_questions.md)
 
 Question: SAGE edits only the text encoder; ESD-x edits the UNet's cross-attention with the same erase loss and
-a frozen text encoder. On the world's textures (its "artistic styles"), how do erasure, retention and FID
+a frozen text encoder. On the world's textures (its "artistic styles"), how do erasure, retention and KID
 compare at the same budget, and what survives a white-box swap back to the original text encoder?
 Hypothesis: at equal steps SAGE reaches a similar RER on the word with better retention (its graph and Top-k
 retention), but its edit is undone completely by restoring the original encoder (RER 0), while ESD-x keeps its
@@ -32,7 +32,7 @@ def study(model: str = "world") -> GridStudy:
         name="frozen_unet", question="What does a frozen UNet cost? SAGE (text encoder) vs ESD-x (UNet cross-attention)",
         hypothesis=__doc__.split("Hypothesis: ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model), variants=variants,
-        metrics=("RER_word", "RER_domain", "RER_heldout", "retention_acc", "FID", "RER_domain_after_encoder_swap",
+        metrics=("RER_word", "RER_domain", "RER_heldout", "retention_acc", "KID", "RER_domain_after_encoder_swap",
                  "s_per_step"),
         plot_metrics=("RER_domain", "retention_acc", "RER_domain_after_encoder_swap"),
         smoke_variants=tuple(f"{m}-{style_concepts(model)[0].replace(' ', '_')}" for m in ("sage", "esd-x")),

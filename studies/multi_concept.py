@@ -2,7 +2,7 @@
 
 Question: erasing 1, 2, 4 and 8 concepts with SAGE, jointly (round-robin, each concept gets the one-concept
 budget: 20 steps on the world) or one after another (each stage starts from the previous stage's model), how
-do per-concept erasure (RER), retention and FID change, and do the concepts' updates interfere?
+do per-concept erasure (RER), retention and KID change, and do the concepts' updates interfere?
 Hypothesis: joint erasure keeps retention better than sequential erasure (sequential drift compounds, every
 stage re-anchors retention to an already edited model); per-concept RER falls slowly with N; the interference
 (mean pairwise cosine between per-concept erase gradients) is positive for concepts of one attribute and near
@@ -32,7 +32,8 @@ def config(model: str = "world") -> StudyConfig:
 
 def _joint_overrides(model: str, n: int) -> dict:
     """The concepts of a joint-n run; on the world, a retain batch no larger than the prompts that name none of
-    them (8 world concepts leave 12 of the 90, fewer than the budget's 16: the report notes the smaller batch)."""
+    them (8 world concepts leave 8 of the train split's prompts, fewer than the budget's 16: the report notes the smaller
+    batch)."""
     from sage_dist.retention.prompts import resolve_retain_prompts
 
     concepts = multi_concepts(model, n)
@@ -54,16 +55,16 @@ def study(model: str = "world") -> GridStudy:
         name="multi_concept", question="Does retention hold when several concepts are erased at once?",
         hypothesis=__doc__.split("Hypothesis: ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model), variants=(*joint, *sequential), interference_every=10,
-        metrics=("RER_domain", "RER_heldout", "retention_acc_all", "FID", "interference_cos_mean", "train_s"),
-        plot_metrics=("RER_domain", "retention_acc_all", "FID"), curve_metrics=("interference_cos",),
+        metrics=("RER_domain", "RER_heldout", "retention_acc_all", "KID", "interference_cos_mean", "train_s"),
+        plot_metrics=("RER_domain", "retention_acc_all", "KID"), curve_metrics=("interference_cos",),
         smoke_variants=("joint-2", "sequential-2"), x_label="concepts erased",
         notes="RER columns are means over the erased concepts (per-concept values are in the trial records and "
-              "MLflow); retention and FID use retain prompts naming none of the erased concepts; `retention_acc_all` "
+              "MLflow); retention and KID use retain prompts naming none of the erased concepts; `retention_acc_all` "
               "counts images showing all three prompted attributes (the same measure for any mix of erased "
               "concepts, unlike `retention_acc`, which scores only the erased concepts' attributes). "
               "`interference_cos_mean`: mean pairwise cosine between per-concept erase gradients, averaged over the "
               "measurements along the run (every 10 steps; sequential: after each stage). On the world, joint-8 uses a "
-              "retain batch of 12 (all the prompts that name none of its 8 concepts) instead of 16.")
+              "retain batch of 8 (all the train-split prompts that name none of its 8 concepts) instead of 16.")
 
 
 if __name__ == "__main__":

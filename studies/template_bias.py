@@ -36,10 +36,11 @@ def study(model: str = "world") -> GridStudy:
         name="template_bias", question="Does the template library limit what the attack finds?",
         hypothesis=__doc__.split("Hypothesis: ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model), variants=variants,
-        metrics=("ASR_heldout", "RER_heldout", "RER_domain", "retention_acc", "FID"),
-        plot_metrics=("ASR_heldout", "RER_heldout", "retention_acc"), smoke_variants=("concept-only", "mined-coco"),
-        notes="`ASR_heldout`: fraction of the erased model's images from held-out paraphrases (never seen by "
-              "erasure) in which the detector still finds the concept; lower is better.")
+        metrics=("concept_rate_heldout", "RER_heldout", "RER_domain", "retention_acc", "KID"),
+        plot_metrics=("concept_rate_heldout", "RER_heldout", "retention_acc"),
+        smoke_variants=("concept-only", "mined-coco"),
+        notes="`concept_rate_heldout`: fraction of the erased model's images from held-out paraphrases (never seen by "
+              "erasure, no attack run) in which the detector still finds the concept; lower is better.")
 
 
 if __name__ == "__main__":

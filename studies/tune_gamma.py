@@ -1,8 +1,8 @@
 """Which retention weight γt, attack length J, top-k and warm-up give SAGE the best erasure/retention trade-off?
 
-Hypothesis: erasure (RER over the concept's domain) and retention (accuracy/FID on unrelated prompts) trade
+Hypothesis: erasure (RER over the concept's domain) and retention (accuracy/KID on unrelated prompts) trade
 off mainly through γt (docs/METHOD.md "The total loss": 0.4 for nudity, 3.0 for style); J and top-k matter less than their cost.
-Each trial erases the concept under Ray Train; Optuna searches multi-objective (RER_domain up, FID down) and
+Each trial erases the concept under Ray Train; Optuna searches multi-objective (RER_domain up, KID down) and
 the answer is the Pareto front, printed as a table and logged to MLflow with Optuna's plots.
 
     python studies/tune_gamma.py                    # bundled world, 12 trials, ~20 min on 2 cores

@@ -1,7 +1,8 @@
 """Which concepts a study erases, on the bundled world or on a real model (the artist prompt sets).
 
 On the world the concepts are fixed, mixed across attributes so that retain prompts remain after erasing all
-of them (8 concepts leave 2 shapes x 3 colours x 2 textures = 12 retain prompts). On a real model (SD v1.4,
+of them (8 concepts leave 2 shapes x 3 colours x 2 textures = 12 combinations, 8 of them in the retain train
+split). On a real model (SD v1.4,
 SDXL) the concepts are the first artists of the shipped artist prompt set (ESD/AdvUnlearn's
 ``big_artist_prompts.csv``, then ``short_niche_art_prompts.csv``), the spec's "artistic style" concepts.
 """

@@ -112,7 +112,7 @@ class GridStudy:
     """The grid."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """``optim.seed`` values; every variant runs once per seed."""
-    metrics: tuple[str, ...] = ("RER_domain", "RER_heldout", "retention_acc", "FID")
+    metrics: tuple[str, ...] = ("RER_domain", "RER_heldout", "retention_acc", "KID")
     """Columns of the report's table (mean ± std over seeds)."""
     plot_metrics: tuple[str, ...] = ("RER_domain", "retention_acc")
     """Metrics plotted against the variants (lines per group over x, or bars)."""

@@ -19,7 +19,7 @@ from sage_dist.tune.grid import GridStudy
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = ("FID", "ASR", "drop", "drift")
+LOWER_IS_BETTER = ("FID", "KID", "ASR", "concept_rate", "drop", "drift")
 """Metric-name fragments whose smaller values are better (also names ending in "_s", durations; everything
 else: larger is better)."""
 NEUTRAL = ("interference",)
@@ -151,11 +151,6 @@ def study_section(study: GridStudy, records: list[dict[str, Any]], plot_dir: str
     if study.notes:
         lines += [study.notes, ""]
     ok = [r for r in records if r["status"] == "ok"]
-    fid = aggregate(records, "FID_original")
-    if fid:
-        lines += [f"FID here is the Frechet distance of the world detector's 128-d features of a few retain images "
-                  f"to true renders; with so few images it is dominated by estimation noise: the *original* model "
-                  f"scores {fmt(*next(iter(fid.values())))}, so compare FID between variants, not to 0.", ""]
     lines += [f"{len(ok)} of {len(records)} trials finished ({len(study.variants)} variants x seeds "
               f"{', '.join(map(str, study.seeds))}); mean ± std over seeds.", "", study_table(study, records), ""]
     found = findings(study, records)

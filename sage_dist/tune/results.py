@@ -19,7 +19,7 @@ from sage_dist.tune.space import LABELS, SearchSpaceFn, fixed_trial_distribution
 
 log = logging.getLogger(__name__)
 
-TABLE_METRICS = ("RER_domain", "RER_word", "RER_heldout", "retention_acc", "FID", "text_erasure",
+TABLE_METRICS = ("RER_domain", "RER_word", "RER_heldout", "retention_acc", "KID", "text_erasure",
                  "text_retention_drift", "text_score")
 """Metrics shown in the table when the trials report them (world metrics first, then the text proxy)."""
 
@@ -103,7 +103,7 @@ def _fmt(value: Any) -> str:
 
 def format_table(rows: list[TrialRow], objectives: Objectives, *, only_pareto: bool = False) -> str:
     """A Markdown table: searched parameters (γt, J, top-k, warm-up, ...), then the metrics the trials report
-    (``RER_*``, ``retention_acc``, ``FID`` on the bundled world; ``text_*`` proxies otherwise), status and
+    (``RER_*``, ``retention_acc``, ``KID`` on the bundled world; ``text_*`` proxies otherwise), status and
     a ``*`` for the Pareto front."""
     shown = [r for r in rows if r.pareto] if only_pareto else rows
     param_keys = sorted({k for r in rows for k in r.params}, key=lambda k: list(LABELS).index(k) if k in LABELS else 99)
@@ -117,7 +117,7 @@ def format_table(rows: list[TrialRow], objectives: Objectives, *, only_pareto: b
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nObjectives: {objectives.erasure_metric} (max), {objectives.retention_metric} "
             f"({objectives.retention_mode}). text_* columns are text-space proxies (1 - cosine of pooled CLIP "
-            "features, trained vs original encoder), not RER or FID.")
+            "features, trained vs original encoder), not RER or KID.")
     return "\n".join(lines) + note
 
 

@@ -419,7 +419,7 @@ def _progress_callback_class():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             metrics = {k: v for k, v in (trial.last_result or {}).items()
-                       if k.startswith(("text_", "RER", "FID", "retention_acc", "time_"))}
+                       if k.startswith(("text_", "RER", "KID", "concept_rate", "retention_acc", "time_"))}
             log.info("trial %s finished: %s", trial.trial_id, _short(metrics))
 
         def on_trial_error(self, iteration, trials, trial, **info):

@@ -176,7 +176,7 @@ def _close_run(tracker, status: str, reason: str = "", timing: dict[str, float] 
 def _objective_reports(callback_class, required: tuple[str, ...]):
     """A ``TuneReportCallback`` (``callback_class``) that forwards a worker report to Tune only when it carries
     every metric in ``required``: Tune refuses a result without the metrics its searcher or scheduler reads,
-    and intermediate reports carry losses and the text proxy while image-space objectives (RER, FID) arrive
+    and intermediate reports carry losses and the text proxy while image-space objectives (RER, KID) arrive
     only with a trial's final report."""
     required = tuple(required)
 

@@ -129,7 +129,7 @@ def _record(variant, seed, status="ok", **metrics):
 def test_metric_directions():
     from sage_dist.tune.report import lower_is_better
 
-    assert lower_is_better("FID") and lower_is_better("ASR_heldout") and lower_is_better("train_s")
+    assert lower_is_better("FID") and lower_is_better("concept_rate_heldout") and lower_is_better("KID") and lower_is_better("train_s")
     assert lower_is_better("s_per_step") and lower_is_better("retention_drop")
     assert not lower_is_better("RER_synonyms") and not lower_is_better("retention_acc")
 
@@ -181,9 +181,9 @@ def test_preflight_rejects_a_variant_before_anything_runs():
     study = load_study_module("multi_concept").study()
     preflight(study)
     joint8 = next(v for v in study.variants if v.name == "joint-8")
-    assert joint8.overrides["retain.retain_batch_size"] == 12
+    assert joint8.overrides["retain.retain_batch_size"] == 8
     bad = dataclasses.replace(joint8, overrides={"erase.erase_concept": joint8.overrides["erase.erase_concept"]})
-    with pytest.raises(ValueError, match="study multi_concept, variant joint-8: retain set 'auto' has 12 usable"):
+    with pytest.raises(ValueError, match="study multi_concept, variant joint-8: retain set 'auto' has 8 usable"):
         preflight(dataclasses.replace(study, variants=(bad,)))
 
 
@@ -258,7 +258,7 @@ def _world_smoke_trial(name: str, variant_name: str) -> dict:
     record = execute_trial(study, next(v for v in study.variants if v.name == variant_name), 0)
     m = record["metrics"]
     assert record["status"] == "ok"
-    for key in ("RER_domain", "RER_heldout", "ASR_heldout", "retention_acc", "FID", "train_s", "eval_s"):
+    for key in ("RER_domain", "RER_heldout", "concept_rate_heldout", "retention_acc", "KID", "train_s", "eval_s"):
         assert key in m
     assert 0.0 <= m["retention_acc"] <= 1.0
     json.dumps(record)
@@ -268,7 +268,7 @@ def _world_smoke_trial(name: str, variant_name: str) -> dict:
 @needs_world
 def test_world_smoke_trial_template_bias_mined_library():
     m = _world_smoke_trial("template_bias", "mined-coco")["metrics"]
-    assert m["ASR_heldout"] == pytest.approx(1 - m["erasure_rate_heldout"])
+    assert m["concept_rate_heldout"] == pytest.approx(1 - m["erasure_rate_heldout"])
 
 
 @needs_world
