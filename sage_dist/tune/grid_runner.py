@@ -246,6 +246,8 @@ def launch(studies: list[GridStudy], settings: RunSettings, *, resume: bool = Fa
     for s in studies:
         if not cells[s.name]:
             log.info("study %s: every trial has an ok record in %s; nothing to run", s.name, settings.out_dir)
+            if resume:  # the interrupted launch may have finished its last trial: its parent run ends FINISHED
+                _end_quietly(_start_parent(s, settings, resume=True)[1], "FINISHED")
     if not todo:
         return {s.name: [] for s in studies}
     where = connect_ray(settings.ray_address)

@@ -384,3 +384,30 @@ def test_interrupted_grid_launch_is_killed_keeps_finished_trials_and_resumes(tmp
     assert (other, "FINISHED") in runs and set(runs) <= {(done["variant"], "FINISHED"), (other, "FINISHED"),
                                                          (other, "KILLED")}  # an interrupted attempt is KILLED
     assert "| low | 1 | 0 |" in (tmp_path / "report.md").read_text()
+
+
+def test_resume_with_every_record_present_finishes_the_interrupted_parent_run(tmp_path, monkeypatch):
+    """An interrupt that lands after the last trial wrote its record leaves nothing to run: the resumed launch
+    still reopens the study's KILLED parent run and ends it FINISHED, without starting Ray."""
+    import ray
+
+    from sage_dist.tracking import MlflowTracker, ensure_experiment, resolve_tracking
+    from sage_dist.tracking.mlflow_tracker import search_runs
+    from sage_dist.tune.grid import grid_cells, write_record
+    from sage_dist.tune.grid_runner import RunSettings, launch, parent_key
+
+    study = tiny_study.grid_study()
+    settings = RunSettings(out_dir=str(tmp_path / "out"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for variant, seed in grid_cells(study):
+        write_record(settings.out_dir, {"study": study.name, "variant": variant.name, "group": variant.name,
+                                        "x": None, "seed": seed, "status": "ok", "metrics": {}, "curves": {}})
+    target = resolve_tracking(settings.tracking_uri)
+    experiment = ensure_experiment(target, settings.experiment_prefix + study.name)
+    parent = MlflowTracker.start(target, experiment, run_name="interrupted",
+                                 tags={"sage_dist.key": parent_key(settings, study), "sage_dist.kind": "grid_study"})
+    parent.end("KILLED", "interrupted")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was started")))
+    assert launch([study], settings, resume=True) == {study.name: []}
+    (again,) = search_runs(target.tracking_uri, settings.experiment_prefix + study.name,
+                           "tags.`sage_dist.kind` = 'grid_study'")
+    assert again.info.run_id == parent.run_id and again.info.status == "FINISHED"
