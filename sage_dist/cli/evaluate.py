@@ -16,6 +16,7 @@ from sage_dist.eval.protocol import (
     default_out,
     default_scores_out,
     flatten_metrics,
+    run_comparison,
     run_evaluation,
     score_image_folder,
 )
@@ -164,8 +165,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"metrics: {Path(metrics['config']['out']) / 'metrics.json'}")
         return 0
     if args.compare:
-        raise ValueError("--compare works with --protocol world; for the other protocols compare two runs' "
-                         "outcomes with sage_dist.eval.protocol.compare_outcomes")
+        cfg = config_from_args(args)
+        base = Path(cfg.out)
+        out = base.with_name(f"{base.name}--vs--{Path(args.compare).name}")
+        result = run_comparison(cfg, args.compare, out=out)
+        for name, entry in result["sets"].items():
+            for key in [k for k in entry if k.startswith("delta_") and not k.endswith(("_ci95", "_n", "_supported"))]:
+                low, high = entry[f"{key}_ci95"]
+                print(f"{name}.{key} = {entry[key]:+.4f} [{low:+.4f}, {high:+.4f}] (n={entry[f'{key}_n']})"
+                      f"{'' if entry[f'{key}_supported'] else '  (interval contains 0)'}")
+        print(f"comparison: {out / 'comparison.json'}")
+        return 0
     metrics = run_evaluation(config_from_args(args))
     flat = flatten_metrics(metrics)
     for key in sorted(flat):

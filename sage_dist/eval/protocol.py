@@ -52,6 +52,7 @@ is kept and the run ends with a message saying how to log it (rerun: every image
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -92,7 +93,19 @@ from sage_dist.eval.generate import (
     set_scheduler,
 )
 from sage_dist.eval.judges import OBJECT_LABELS, Judge, Judgement, build_judge
-from sage_dist.eval.metrics import attack_success_rate, fid_from_features, nudity_rer
+from sage_dist.eval.metrics import (
+    attack_success_rate,
+    bootstrap_interval,
+    fid_from_features,
+    kid_with_interval,
+    mean_with_interval,
+    nudity_rer,
+    paired_difference_with_interval,
+    rate_with_interval,
+    rer_difference_with_interval,
+    rer_with_interval,
+    wilson_interval,
+)
 from sage_dist.models.load import (
     edited_pipeline,
     has_text_encoder_files,
@@ -429,7 +442,7 @@ def _attack_set(cfg: EvalConfig, judge: Judge, models: EvalModels, gen_cfg, sr: 
                            "folder": str(folder)})
         bar.update(1)
     bar.close()
-    res = attack_success_rate([ok for ok, _ in pre], post).to_dict()
+    res = _asr_dict(attack_success_rate([ok for ok, _ in pre], post))
     res["attack"] = cfg.attack
     res["attack_settings"] = settings
     res["per_prompt"] = per_prompt
@@ -484,7 +497,8 @@ def _clip_scores(cfg: EvalConfig, sr: SetResult) -> tuple[dict[str, float], dict
         if paths:
             scores = np.concatenate([scorer.score([_open(p) for p in paths[i:i + 256]], prompts[i:i + 256])
                                      for i in range(0, len(paths), 256)])  # a chunk of images in memory at a time
-            means[f"clip_score_{which}"] = float(scores.mean())
+            _with_interval(means, f"clip_score_{which}", mean_with_interval(scores, seed=INTERVAL_SEED)
+                           if len(scores) >= 2 else (float(scores.mean()), (float("nan"), float("nan")), len(scores)))
             per_image[which] = [float(v) for v in scores]
     return means, per_image
 
@@ -505,6 +519,7 @@ def _fid(cfg: EvalConfig, sr: SetResult, out: Path) -> tuple[dict[str, Any], dic
         np.save(path, feats)
         files[which] = str(path.relative_to(out))
     result["fid_original_vs_erased"] = fid_from_features(features["original"], features["erased"])
+    result.update(_distance_intervals("original_vs_erased", features["original"], features["erased"]))
     if cfg.fid_reference:
         ref_paths = sorted(p for p in Path(cfg.fid_reference).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         ref = inception_features(ref_paths, extractor)
@@ -513,6 +528,7 @@ def _fid(cfg: EvalConfig, sr: SetResult, out: Path) -> tuple[dict[str, Any], dic
         files["reference"] = str(path.relative_to(out))
         for which, feats in features.items():
             result[f"fid_{which}_vs_reference"] = fid_from_features(feats, ref)
+            result.update(_distance_intervals(f"{which}_vs_reference", feats, ref))
     return result, files
 
 
@@ -549,6 +565,53 @@ def _set_outcomes(outcomes: dict[str, Any], sr: SetResult, role: str) -> dict[st
     if role not in entry["used_for"]:
         entry["used_for"].append(role)
     return entry
+
+
+INTERVAL_SEED = 0
+"""Seed of every bootstrap resampling of an evaluation (the same outcomes give the same intervals)."""
+FID_BOOTSTRAP_RESAMPLES = 200
+"""Resamples of FID's bootstrap interval (each resample is a Frechet distance of 2048-d features)."""
+
+
+def _with_interval(out: dict[str, Any], key: str, value_ci_n: tuple[float, tuple[float, float], int]) -> None:
+    """``out[key]``, ``out[key + "_ci95"]`` = [low, high] and ``out[key + "_n"]`` (images behind it)."""
+    value, (low, high), n = value_ci_n
+    out[key], out[f"{key}_ci95"], out[f"{key}_n"] = value, [low, high], n
+
+
+def _asr_dict(asr) -> dict[str, Any]:
+    """An :class:`~sage_dist.eval.metrics.AsrResult` as metrics.json entries, every rate with its Wilson interval
+    over the attacked prompts."""
+    out = asr.to_dict()
+    n = asr.num_prompts
+    for key, successes in (("asr", asr.num_pre_success + asr.num_post_success), ("pre_asr", asr.num_pre_success),
+                           ("post_asr", asr.num_post_success)):
+        out[f"{key}_ci95"], out[f"{key}_n"] = list(wilson_interval(successes, n)), n
+    return out
+
+
+def _distance_intervals(name: str, features_a: np.ndarray, features_b: np.ndarray) -> dict[str, Any]:
+    """KID (unbiased at any N) with its bootstrap interval, and FID's bootstrap interval where its resamples are
+    affordable (fewer images than feature dimensions: the exact SVD path of :func:`fid_from_features`); FID is
+    biased at small N, so compare KID between models."""
+    out: dict[str, Any] = {}
+    n = min(len(features_a), len(features_b))
+    if n >= 2:
+        value, ci, _ = kid_with_interval(features_a[:n], features_b[:n], seed=INTERVAL_SEED)
+        out[f"kid_{name}"], out[f"kid_{name}_ci95"], out[f"kid_{name}_n"] = value, list(ci), n
+    if 2 <= n < features_a.shape[1]:
+        ia = np.arange(len(features_a), dtype=np.float64)
+        ib = np.arange(len(features_b), dtype=np.float64)
+        out[f"fid_{name}_ci95"] = list(bootstrap_interval(
+            (ia, ib), lambda x, y, axis=-1: np.array([fid_from_features(features_a[r.astype(int)],
+                                                                       features_b[q.astype(int)])
+                                                      for r, q in zip(np.atleast_2d(x), np.atleast_2d(y))]).squeeze(),
+            paired=False, seed=INTERVAL_SEED, n_resamples=FID_BOOTSTRAP_RESAMPLES))
+        out[f"fid_{name}_n"] = n
+    elif n >= 2:
+        out[f"fid_{name}_interval"] = (f"not computed: {n} images >= {features_a.shape[1]} feature dimensions makes "
+                                       "each bootstrap resample a full matrix square root; use the KID interval")
+    return out
 
 
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
@@ -620,16 +683,25 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if judge is not None:
         j_orig = _judge_paths(judge, sr.original_paths, f"{sr.name} original", cfg.progress)
         j_erased = _judge_paths(judge, sr.erased_paths, f"{sr.name} erased", cfg.progress)
-        main: dict[str, Any] = {
-            "num_prompts": len(sr.records),
-            "concept_rate_original": sum(ok for ok, _ in j_orig) / len(sr.records),
-            "concept_rate_erased": sum(ok for ok, _ in j_erased) / len(sr.records),
-        }
+        main: dict[str, Any] = {"num_prompts": len(sr.records)}
+        _with_interval(main, "concept_rate_original", rate_with_interval([ok for ok, _ in j_orig]))
+        _with_interval(main, "concept_rate_erased", rate_with_interval([ok for ok, _ in j_erased]))
         if cfg.protocol == "nudity":
             rer = nudity_rer([d["exposed"] for _, d in j_orig], [d["exposed"] for _, d in j_erased],
                              detections_original=[d["num_detections"] for _, d in j_orig],
                              detections_erased=[d["num_detections"] for _, d in j_erased])
             main.update(rer.to_dict())
+            if len(sr.records) >= 2:  # paired bootstrap over images (same prompts, same seeds)
+                _with_interval(main, "rer_images", rer_with_interval(
+                    [bool(d["exposed"]) for _, d in j_erased], [bool(d["exposed"]) for _, d in j_orig],
+                    seed=INTERVAL_SEED))
+                counts_e = [d["num_detections"] for _, d in j_erased]
+                counts_o = [d["num_detections"] for _, d in j_orig]
+                if sum(counts_o):
+                    main["rer_detections_ci95"] = list(bootstrap_interval(
+                        (counts_e, counts_o), lambda e, o, axis=-1: 1.0 - e.sum(axis) / o.sum(axis), paired=True,
+                        seed=INTERVAL_SEED))
+                    main["rer_detections_n"] = len(counts_o)
         metrics["erasure"] = {"prompt_set": sr.name, **main}
     entry["original"] = _outcome_entry(sr.original, j_orig, out)
     entry["erased"] = _outcome_entry(sr.erased, j_erased, out)
@@ -658,7 +730,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         if asr_set.original and "original" not in entry:
             entry["original"] = _outcome_entry(asr_set.original, None, out)
         if cfg.attack == "none":
-            asr = {**attack_success_rate([ok for ok, _ in pre]).to_dict(), "attack": "none"}
+            asr = {**_asr_dict(attack_success_rate([ok for ok, _ in pre])), "attack": "none"}
         else:
             try:
                 asr = _attack_set(cfg, judge, models, gen_cfg, asr_set, pre)
@@ -668,7 +740,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             except ValueError as err:
                 log.error("attack %s skipped: %s", cfg.attack, err)
                 metrics["skipped"]["attack"] = str(err)
-                asr = {**attack_success_rate([ok for ok, _ in pre]).to_dict(), "attack": "none"}
+                asr = {**_asr_dict(attack_success_rate([ok for ok, _ in pre])), "attack": "none"}
         metrics["asr"] = {"prompt_set": asr_set.name, **asr}
     if judge is not None:
         metrics["fixed_sets"] = {}
@@ -678,7 +750,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             pre = _judge_paths(judge, fs.erased_paths, f"{fs.name} erased", cfg.progress)
             entry = _set_outcomes(outcomes, fs, "fixed")
             entry["erased"] = _outcome_entry(fs.erased, pre, out)
-            metrics["fixed_sets"][fs.name] = attack_success_rate([ok for ok, _ in pre]).to_dict()
+            metrics["fixed_sets"][fs.name] = _asr_dict(attack_success_rate([ok for ok, _ in pre]))
 
     (out / OUTCOMES_FILE).write_text(json.dumps(_nan_to_none(outcomes), indent=1, default=_jsonable))
     metrics["outcomes_file"] = OUTCOMES_FILE
@@ -742,6 +814,72 @@ def load_outcomes(out: str | os.PathLike) -> dict[str, dict[str, dict[str, Any]]
                 item["adversarial"] = entry["attack"]["folder"][i]
             per_id[pid] = item
         result[name] = per_id
+    return result
+
+
+def compare_outcomes(out_a: str | os.PathLike, out_b: str | os.PathLike, *, seed: int = INTERVAL_SEED
+                     ) -> dict[str, Any]:
+    """Paired comparison of two finished evaluations (``--out`` folders of two erased models, same protocol):
+    per prompt set drawn from identical prompts and initial noise in both, the difference a - b of the erased
+    models' concept rate, of RER (where the original was judged: the same original images) and of ASR (pre or
+    post success per attacked prompt), each with a paired bootstrap interval over prompts
+    (:mod:`sage_dist.eval.metrics`); ``supported`` says whether the interval excludes 0.
+
+    Returns:
+        ``{"sets": {set: {"delta_concept_rate": ..., "delta_concept_rate_ci95": [lo, hi], "_n", ...}}}``.
+    Raises:
+        ValueError: a folder without outcomes, no set in common, or a set whose prompts, seeds or original images
+            differ between the two (not a paired comparison).
+    """
+    a, b = load_outcomes(out_a), load_outcomes(out_b)
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"{out_a} and {out_b} share no prompt set; evaluate both with the same protocol")
+    result: dict[str, Any] = {"a": str(out_a), "b": str(out_b), "sets": {}}
+    for name in common:
+        ids = list(a[name])
+        if ids != list(b[name]) or any(a[name][i]["record"] != b[name][i]["record"] for i in ids):
+            raise ValueError(f"prompt set {name}: the two evaluations used other prompts or seeds; a paired "
+                             "comparison needs the same set, --limit and sampling settings")
+        ea, eb = ([x[i].get("erased", {}).get("judged") for i in ids] for x in (a[name], b[name]))
+        entry: dict[str, Any] = {}
+        if None not in ea and None not in eb and len(ids) >= 2:
+            _with_interval(entry, "delta_concept_rate", paired_difference_with_interval(ea, eb, seed=seed))
+            orig_a = [a[name][i].get("original", {}) for i in ids]
+            orig_b = [b[name][i].get("original", {}) for i in ids]
+            if all("judged" in o for o in orig_a) and [o.get("image_key") for o in orig_a] == \
+                    [o.get("image_key") for o in orig_b]:
+                _with_interval(entry, "delta_rer", rer_difference_with_interval(
+                    ea, eb, [o["judged"] for o in orig_a], seed=seed))
+            post_a = [a[name][i].get("post_success") for i in ids]
+            post_b = [b[name][i].get("post_success") for i in ids]
+            if any(p is not None for p in post_a + post_b):
+                succ_a = [int(bool(e) or bool(p)) for e, p in zip(ea, post_a)]
+                succ_b = [int(bool(e) or bool(p)) for e, p in zip(eb, post_b)]
+                _with_interval(entry, "delta_asr", paired_difference_with_interval(succ_a, succ_b, seed=seed))
+        for key in [k for k in entry if k.startswith("delta_") and not k.endswith(("_ci95", "_n"))]:
+            low, high = entry[f"{key}_ci95"]
+            entry[f"{key}_supported"] = bool(low > 0 or high < 0)
+        result["sets"][name] = entry
+    return result
+
+
+def run_comparison(cfg: EvalConfig, other_text_encoder: str, *, out: str | os.PathLike) -> dict[str, Any]:
+    """Evaluate ``cfg.text_encoder`` and ``other_text_encoder`` with the same protocol, prompts and seeds (the
+    original model's images are drawn once, from the shared image store), then :func:`compare_outcomes`;
+    writes ``out/comparison.json``.
+
+    Raises:
+        ValueError: bad input for either evaluation (before any model loads).
+    """
+    check_erased_source(other_text_encoder)
+    first = run_evaluation(cfg)
+    other_out = default_out(cfg.protocol, cfg.model, other_text_encoder)
+    second = run_evaluation(dataclasses.replace(cfg, text_encoder=other_text_encoder, out=str(other_out)))
+    result = compare_outcomes(first["config"]["out"], second["config"]["out"])
+    result["text_encoders"] = {"a": cfg.text_encoder, "b": other_text_encoder}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "comparison.json").write_text(json.dumps(_nan_to_none(result), indent=2))
     return result
 
 

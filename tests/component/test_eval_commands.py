@@ -116,6 +116,9 @@ def test_retain_protocol_fid_and_clip_skip_offline(tmp_path, erased_dir):
                                   clip_model=str(tmp_path / "no_such_clip")))
     assert metrics["fid"]["fid_inception"] == "fid-helper"
     assert metrics["fid"]["fid_original_vs_erased"] > 0
+    fid = metrics["fid"]  # 3 images < 2048 features: FID's bootstrap interval is affordable; KID always has one
+    assert fid["fid_original_vs_erased_n"] == 3 and len(fid["fid_original_vs_erased_ci95"]) == 2
+    assert len(fid["kid_original_vs_erased_ci95"]) == 2 and fid["kid_original_vs_erased_n"] == 3  # NaN at n = 3
     assert "no_such_clip" in metrics["skipped"]["clip"]
 
 

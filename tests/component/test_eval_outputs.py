@@ -3,6 +3,7 @@ again bit for bit, per-image outcomes, ESD-x's UNet, tracking failures, scoring 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -505,3 +506,44 @@ def test_scoring_errors_come_before_the_judge(tmp_path, monkeypatch, capsys):
 
     assert main(["evaluate", "--protocol", "nudity", "--images", str(empty)]) == 2
     assert "holds no image files" in capsys.readouterr().err
+
+
+def test_real_model_rates_carry_wilson_intervals_and_two_encoders_compare_paired(tmp_path, monkeypatch):
+    """metrics.json: every rate with [low, high] and n; compare_outcomes: a paired difference of two erased
+    models on the same prompts and noise, with its interval; a second evaluation on other prompts is refused."""
+    from sage_dist.eval import judges
+    from sage_dist.eval.metrics import wilson_interval
+    from sage_dist.eval.protocol import EvalConfig, compare_outcomes, run_evaluation
+
+    class Alternating:  # a deterministic judge: "exposed" when the image's pixel sum is even (about half)
+        def __init__(self, *a, **k):
+            pass
+
+        def describe(self):
+            return {"package": "test judge: even pixel sum"}
+
+        def detect(self, images):
+            import numpy as np
+
+            return [[judges.Detection(label="BELLY_EXPOSED", score=0.9, box=(0, 0, 1, 1))]
+                    if int(np.asarray(im, dtype=np.int64).sum()) % 2 == 0 else [] for im in images]
+
+    monkeypatch.setattr(judges, "NudeNetDetector", Alternating)
+
+    def cfg(encoder, out):
+        return EvalConfig(model="tiny-sd", text_encoder=encoder, protocol="nudity", out=str(tmp_path / out),
+                          image_store=str(tmp_path / "store"), limit=6, steps=2, grid_size=0, progress=False,
+                          attack_prompts="i2p_sexual", fixed_prompts=())
+
+    a = run_evaluation(cfg("original", "a"))
+    erasure = a["erasure"]
+    k = round(erasure["concept_rate_erased"] * erasure["concept_rate_erased_n"])
+    assert erasure["concept_rate_erased_ci95"] == pytest.approx(list(wilson_interval(k, 6)))
+    assert erasure["concept_rate_erased_n"] == 6 and len(a["asr"]["asr_ci95"]) == 2
+    b = run_evaluation(cfg("original", "b"))
+    same = compare_outcomes(tmp_path / "a", tmp_path / "b")["sets"]["i2p_sexual"]
+    assert same["delta_concept_rate"] == 0.0 and same["delta_concept_rate_ci95"] == [0.0, 0.0]
+    assert not same["delta_concept_rate_supported"] and b["erasure"]["rer_images"] == a["erasure"]["rer_images"]
+    run_evaluation(dataclasses.replace(cfg("original", "c"), limit=5))
+    with pytest.raises(ValueError, match="other prompts or seeds"):
+        compare_outcomes(tmp_path / "a", tmp_path / "c")
