@@ -43,6 +43,7 @@ from sage_dist.tune.grid import (
     read_records,
     run_local,
     smoke_version,
+    with_variants,
 )
 from sage_dist.tune.grid_runner import RunSettings, launch
 from sage_dist.tune.report import write_report
@@ -122,7 +123,7 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
             if not chosen:
                 continue
             # the chosen variants run under --smoke-test too, whatever the study's smoke variants are
-            study = dataclasses.replace(study, variants=chosen, smoke_variants=tuple(v.name for v in chosen))
+            study = with_variants(study, chosen, smoke_variants=tuple(v.name for v in chosen))
         study = smoke_version(study, explicit) if args.smoke_test else dataclasses.replace(
             study, base=study.base.replace_flat(explicit))
         if seeds:

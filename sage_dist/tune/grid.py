@@ -247,6 +247,14 @@ def _check_encoders(cfg: StudyConfig, variant: Variant) -> None:
                          "train_encoders=(0,)")
 
 
+def with_variants(study: GridStudy, variants: tuple[Variant, ...], **changes) -> GridStudy:
+    """``study`` restricted to ``variants`` (and other field ``changes``); a ``reference_variant`` left out is
+    dropped (the comparisons need both variants' records: rebuild the full report with ``--report-only``)."""
+    names = {v.name for v in variants}
+    reference = study.reference_variant if study.reference_variant in names else ""
+    return dataclasses.replace(study, variants=variants, reference_variant=reference, **changes)
+
+
 def smoke_version(study: GridStudy, overrides: dict[str, Any] | None = None) -> GridStudy:
     """``study`` with one seed, its ``smoke_variants`` and the :data:`sage_dist.presets.STUDY_SMOKE` budgets;
     ``overrides`` (dotted keys the user gave explicitly) are applied on top of the budgets, so they win. A study
@@ -255,9 +263,9 @@ def smoke_version(study: GridStudy, overrides: dict[str, Any] | None = None) -> 
     keep = set(study.smoke_variants) or {v.name for v in study.variants}
     every = 2 if study.interference_every else 0
     fidelity = WORLD_EVAL_STUDY_SMOKE if (study.red_team or not study.quick_eval) else study.eval_fidelity
-    return dataclasses.replace(study, base=study.base.replace_flat({**STUDY_SMOKE, **(overrides or {})}),
-                               seeds=study.seeds[:1], variants=tuple(v for v in study.variants if v.name in keep),
-                               interference_every=every, eval_fidelity=fidelity)
+    return with_variants(study, tuple(v for v in study.variants if v.name in keep),
+                         base=study.base.replace_flat({**STUDY_SMOKE, **(overrides or {})}), seeds=study.seeds[:1],
+                         interference_every=every, eval_fidelity=fidelity)
 
 
 # ---- pipelines (one load per process; Tune reuses trial processes) -------------------------------------
