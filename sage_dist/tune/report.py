@@ -752,6 +752,32 @@ def comparison_table(comparisons: list[Comparison]) -> str:
     return "\n".join(lines)
 
 
+def comparison_summary_table(study: GridStudy, records: list[dict[str, Any]]) -> str:
+    """Markdown table of every variant's paired differences from ``study.reference_variant``: one row per
+    metric, one column per other variant, each cell ``Δ [low, high]`` and whether the interval supports a
+    difference ("**yes**", better or worse by the metric's direction) or not ("no"); "" without a reference."""
+    ref = study.reference_variant
+    if not ref:
+        return ""
+    others = [v.name for v in study.variants if v.name != ref]
+    comps = {name: {c.metric: c for c in compare_variants(study, records, name, ref)} for name in others}
+    metrics = study.compare_metrics or study.metrics
+    lines = ["| metric | " + " | ".join(f"{n} − {ref}" for n in others) + " |", "|" + "---|" * (1 + len(others))]
+    for m in metrics:
+        cells = []
+        for n in others:
+            c = comps[n][m]
+            verdict = c.verdict()
+            if verdict.startswith("yes"):
+                mark = "**yes, " + ("better" if "(better)" in verdict else "worse" if "(worse)" in verdict
+                                    else verdict.split()[-1]) + "**"
+            else:
+                mark = "no" if verdict.startswith("no:") else ""
+            cells.append(f"{_delta_text(c.delta)} {mark}".strip())
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def comparisons_section(study: GridStudy, records: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: every variant against ``study.reference_variant`` (nothing when the study has none)."""
     ref = study.reference_variant
@@ -760,7 +786,8 @@ def comparisons_section(study: GridStudy, records: list[dict[str, Any]]) -> list
     lines = [f"### Paired comparisons against `{ref}`", "",
              "Same prompts and initial noise per seed (the evaluation's noise seed is the trial seed); each Δ's "
              "interval resamples the two variants' images of one prompt and noise together, stratified by seed. "
-             "Per-trial numbers (costs) compare the per-seed differences (Student-t over seeds).", ""]
+             "Per-trial numbers (costs) compare the per-seed differences (Student-t over seeds). \"yes\": the 95 % "
+             "interval of Δ excludes 0.", "", comparison_summary_table(study, records), ""]
     for v in study.variants:
         if v.name == ref:
             continue
@@ -896,7 +923,7 @@ def study_section(study: GridStudy, records: list[dict[str, Any]], plot_dir: str
     lines += [f"{ok} of {expected} trials finished ({len(study.variants)} variants x seeds "
               f"{', '.join(map(str, study.seeds))}); "
               + ("pooled over seeds with 95 % intervals." if pooled else
-                 "mean ± sd over seeds (these records carry no per-image outcomes)."), "", HOW_TO_READ, "",
+                 "mean ± sd over seeds (these records carry no per-image outcomes)."), "",
               study_table(study, records), ""]
     lines += comparisons_section(study, records)
     if len(study.seeds) > 1:
@@ -926,6 +953,7 @@ def write_report(studies: list[GridStudy], records: dict[str, list[dict[str, Any
     parts = [f"# {title}", ""]
     if preamble:
         parts += [preamble, ""]
+    parts += [HOW_TO_READ, ""]
     for study in studies:
         parts.append(study_section(study, records.get(study.name, []), plot_dir, out_md.parent))
     out_md.write_text("\n".join(parts) + "\n")
