@@ -53,6 +53,26 @@ STUDY_SMOKE: dict[str, Any] = {
 }
 """``--smoke-test`` of the grid studies: every code path in seconds per trial; the numbers mean nothing."""
 
+ADVUNLEARN_PUBLISHED: dict[str, Any] = {
+    "retain.retain_batch_size": 5,
+    "retain.retain_loss_weight": 0.3,
+    "attack.reinit": "latest",
+}
+"""AdvUnlearn's published settings (Zhang et al. 2024, docs/METHOD.md "AdvUnlearn"): 5 retain prompts per step
+(b_retain), retain-loss weight γ 0.3 (its nudity setting; 0.5 for styles and objects), and each attack starting
+from the last optimised prefix (``attack_init=latest``). ``sage-dist erase --method advunlearn`` and every study
+comparison apply them unless told otherwise; the step budget stays the preset's (the same for every method)."""
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {"advunlearn": ADVUNLEARN_PUBLISHED}
+"""Settings a method brings with it (its published ones), applied after the model's preset and before any
+explicit override: ``erase.method`` -> dotted keys. Methods without an entry use the preset's values."""
+
+
+def method_preset(method: str) -> dict[str, Any]:
+    """The dotted settings of :data:`METHOD_PRESETS` for ``erase.method`` ``method`` ({} for none)."""
+    return dict(METHOD_PRESETS.get(method, {}))
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorldEvalFidelity:
     """How many images the bundled world's evaluation draws (:mod:`sage_dist.eval.world`,
@@ -99,6 +119,13 @@ WORLD_EVAL_QUICK = WorldEvalFidelity(name="quick", domain_contexts=10, domain_se
                                      red_team_prompts=0)
 """A Tune trial's evaluation (``evaluate_trial``): 50 concept-domain and 64 held-out retain images, no red
 team; intervals about twice as wide as the full protocol's (printed with the numbers)."""
+
+WORLD_EVAL_STUDY_SMOKE = WorldEvalFidelity(name="smoke", domain_contexts=2, domain_seeds=1, retain_images=16,
+                                           red_team_prompts=2, prefix_timesteps=1, prefix_attack_steps=1,
+                                           ring_strengths=(1.0,), inside_out_steps=2, bootstrap_resamples=200)
+"""``--smoke-test`` of a grid study that evaluates at the full fidelity with the red team: every code path
+(10 concept-domain and 16 retain images, a 2-prompt red team with one step of each attack) in seconds; its
+intervals are too wide to mean anything."""
 
 WORLD_EVAL_FIDELITIES: dict[str, WorldEvalFidelity] = {"full": WORLD_EVAL_FULL, "quick": WORLD_EVAL_QUICK}
 """Fidelities of the world evaluation by name."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sage_dist.config import StudyConfig, TrackingConfig, parse_overrides
-from sage_dist.presets import PRESETS, preset_for
+from sage_dist.presets import PRESETS, method_preset, preset_for
 from sage_dist.tracking import (
     BackgroundTracker,
     MlflowTracker,
@@ -105,19 +105,28 @@ def register(sub) -> None:
                    help="replace the earlier run's outputs in --out (only once this run has succeeded)")
     p.add_argument("--preset", choices=["auto", "world", "none"], default="auto",
                    help="per-model defaults applied before your flags (auto: 'world' for the bundled world, "
-                        "'none' = the spec's SD v1.4 defaults otherwise; see sage_dist/presets.py)")
+                        "the spec's SD v1.4 defaults otherwise), plus the method's published settings "
+                        "(--method advunlearn: b_retain 5, retain_loss_weight 0.3, attack.reinit latest); "
+                        "'none': the spec's defaults only; see sage_dist/presets.py")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.set_defaults(func=_cmd_erase, accepts_overrides=True)
 
 
 def _preset_layer(args: argparse.Namespace, dotted: dict[str, str], cfg: StudyConfig) -> dict[str, object]:
+    """The model's preset, then the method's published settings (:data:`sage_dist.presets.METHOD_PRESETS`:
+    ``--method advunlearn`` gets AdvUnlearn's b_retain 5, γt 0.3, ``attack.reinit=latest``); ``--preset none``
+    turns both off (the spec's defaults). Explicit flags and overrides are applied after this layer."""
     model_id = getattr(args, "model", None) or dotted.get("model.model_id") or cfg.model.model_id
     preset = getattr(args, "preset", "auto")
-    return dict(PRESETS[preset_for(model_id) if preset == "auto" else preset])
+    if preset == "none":
+        return {}
+    method = dotted.get("erase.method") or getattr(args, "method", None) or cfg.erase.method
+    return {**PRESETS[preset_for(model_id) if preset == "auto" else preset], **method_preset(method)}
 
 
 def build_config(args: argparse.Namespace, overrides: list[str], base: StudyConfig | None = None) -> StudyConfig:
-    """The effective config: ``base`` (default config), the model's preset, the named flags, dotted overrides."""
+    """The effective config: ``base`` (default config), the model's preset and the method's published settings
+    (:func:`_preset_layer`), the named flags, dotted overrides (each later layer wins)."""
     cfg = base or StudyConfig()
     dotted = parse_overrides(overrides)
     flat = _preset_layer(args, dotted, cfg)

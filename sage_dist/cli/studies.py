@@ -1,19 +1,22 @@
 """Command line of the open-question studies (``studies/*.py`` and ``studies/open_questions.py``).
 
-A study file defines ``study(model: str | None = None) -> GridStudy`` and calls :func:`main` with it;
-``open_questions.py`` calls :func:`main` with several. Options:
+A study file defines ``study(model: str | None = None) -> GridStudy`` (optionally with a ``concept`` argument)
+and calls :func:`main` with it; ``open_questions.py`` calls :func:`main` with several. Options:
 
 * ``--smoke-test``: one seed, the study's smoke variants, :data:`sage_dist.presets.STUDY_SMOKE` budgets (seconds per
   trial); what is given explicitly wins over it (``--seeds``, ``--variants``, every ``--section.field=value``);
 * ``--model``: the model to erase from (each study has its default: "world", or "world-xl" for the
   dual-encoder study); Hub ids / folders of SD v1.4 or SDXL run the same grids with the text-space proxy;
+* ``--concept``: the concept of a study that takes one (e.g. ``studies/methods.py --concept red``);
 * ``--tracking-uri``, ``--ray-address``, ``--cpus-per-trial``, ``--out``, ``--report``, ``--seeds``;
 * ``--local``: run every trial one after another in this process, without Ray or MLflow (debugging, tests);
 * ``--resume``: run only the trials without an ``ok`` record in ``--out`` (after an interrupt or failures);
 * any ``--section.field=value``: a config override applied to every study's base config.
 
-Bad input (an override, a variant's pre-flight check, the tracking URI, an unwritable ``--out`` or report
-folder) stops the launch before Ray starts and before any MLflow run exists (exit status 2). An interrupt
+Bad input (an override, a seed list with a repeated seed, a variant's pre-flight check such as a text encoder the
+model lacks, the tracking URI, an unwritable ``--out`` or report folder) stops the launch before Ray starts and
+before any MLflow run exists (exit status 2). The report is always written from the trial records on disk
+(per-image outcomes and KID side files included), so ``--report-only`` gives the same report. An interrupt
 (Ctrl+C, SIGTERM) keeps the records of the trials that ended, marks the unfinished studies' parent runs KILLED
 and prints the ``--resume`` command (exit status 130).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -39,6 +43,7 @@ from sage_dist.tune.grid import (
     read_records,
     run_local,
     smoke_version,
+    with_variants,
 )
 from sage_dist.tune.grid_runner import RunSettings, launch
 from sage_dist.tune.report import write_report
@@ -53,6 +58,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                                 epilog="Any --section.field=value is a config override for every study.")
     p.add_argument("--smoke-test", action="store_true", help="tiny budgets, one seed (a few minutes in all)")
     p.add_argument("--model", default=None, help="model to erase from (default: each study's own, the world)")
+    p.add_argument("--concept", default=None, help="concept of a study that takes one (default: the study's own)")
     p.add_argument("--tracking-uri", default="", help="MLflow server http://HOST:PORT or sqlite:////abs.db "
                    "(default: $MLFLOW_TRACKING_URI, else local SQLite under ~/.sage_dist/mlflow)")
     p.add_argument("--ray-address", default="", help="'' joins a running cluster else starts one; 'local'; host:port")
@@ -71,6 +77,23 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2); "" -> () (each study's own seeds).
+
+    Raises:
+        ValueError: a value that is not an integer, or a repeated seed (it would run one trial twice and count
+            its images twice in the pooled intervals).
+    """
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip()) if text else ()
+    except ValueError as err:
+        raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from err
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds {text!r} repeats {repeated}; give each seed once, e.g. --seeds 0,1,2")
+    return seeds
+
+
 def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
     """Parse ``argv`` and build the studies (validated, before Ray starts); returns ``(args, studies)``.
 
@@ -84,18 +107,23 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
     explicit = parse_overrides(rest)
     if args.tracking_uri:
         explicit["tracking.tracking_uri"] = args.tracking_uri
-    seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds else ()
+    seeds = parse_seeds(args.seeds)
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     studies, known = [], set()
     for fn in study_fns:
-        study = fn(args.model) if args.model else fn()
+        kwargs = {"model": args.model} if args.model else {}
+        if args.concept:
+            if "concept" not in inspect.signature(fn).parameters:
+                raise ValueError(f"--concept {args.concept!r}: study {fn.__module__} takes no concept argument")
+            kwargs["concept"] = args.concept
+        study = fn(**kwargs)
         known |= {v.name for v in study.variants}
         if wanted:
             chosen = tuple(v for v in study.variants if v.name in wanted)
             if not chosen:
                 continue
             # the chosen variants run under --smoke-test too, whatever the study's smoke variants are
-            study = dataclasses.replace(study, variants=chosen, smoke_variants=tuple(v.name for v in chosen))
+            study = with_variants(study, chosen, smoke_variants=tuple(v.name for v in chosen))
         study = smoke_version(study, explicit) if args.smoke_test else dataclasses.replace(
             study, base=study.base.replace_flat(explicit))
         if seeds:
@@ -108,7 +136,8 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
 
 
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
-         title: str = "Open questions", default_report: str = "") -> Path:
+         title: str = "Open questions", default_report: str = "", default_out: str = "open_questions",
+         experiment_prefix: str = "open_questions.") -> Path:
     """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path.
 
     Exits with status 2 on bad input (before Ray or MLflow start) and 130 when interrupted, after printing the
@@ -120,14 +149,14 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     parser = build_parser(description)
     try:
         args, studies = prepare(fns, argv, description)
-        out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / "open_questions")
+        out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / default_out)
         out_dir = out_dir.expanduser().resolve()
         report = Path(args.report or default_report or out_dir / "report.md")
         if args.report_only:
             return _rewrite_report(studies, out_dir, report, title)
         check_writable(report.resolve().parent, "--report folder")
         settings = RunSettings(out_dir=str(out_dir), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
-                               cpus_per_trial=args.cpus_per_trial)
+                               cpus_per_trial=args.cpus_per_trial, experiment_prefix=experiment_prefix)
         if args.local:
             check_writable(out_dir, "--out")
     except (ValueError, ConnectionError) as err:
@@ -146,30 +175,33 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
               f"the unfinished studies' parent MLflow runs are marked KILLED.\nresume with: {command}")
         raise SystemExit(130) from err
     wall = time.time() - t0
-    if args.resume:  # the report covers every cell of the grids, those run before included
-        records = {s.name: _grid_records(s, out_dir) for s in studies}
+    ran = sum(len(r) for r in records.values())
+    # the report reads the records back from disk (with their KID side files); after --resume it covers every
+    # cell of the grids, those run before included
+    records = {s.name: _grid_records(s, out_dir) for s in studies}
     trials = sum(len(r) for r in records.values())
     preamble = (f"Generated by `{' '.join(['python', sys.argv[0], *argv])}`"
                 f"{' (smoke test: budgets too small for the numbers to mean anything)' if args.smoke_test else ''}. "
-                f"{len(studies)} studies, {trials} trials, wall time {wall / 60:.1f} min "
+                f"{len(studies)} studies, {trials} trials, wall time {wall / 60:.1f} min for {ran} trials "
                 f"{'(this resumed run) ' if args.resume else ''}"
                 f"({'in-process' if args.local else f'Ray, {args.cpus_per_trial:g} CPU per trial'}).")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_summary.json").write_text(json.dumps({"preamble": preamble, "wall_s": wall, "trials": trials}))
+    (out_dir / "run_summary.json").write_text(json.dumps({"preamble": preamble, "wall_s": wall, "trials": trials,
+                                                          "trials_run": ran}))
     path = write_report(studies, records, report, title=title, preamble=preamble)
-    print(f"report: {path}\ntrial records: {out_dir}\nwall time: {wall:.0f} s for {trials} trials")
+    print(f"report: {path}\ntrial records: {out_dir}\nwall time: {wall:.0f} s for {ran} trials")
     return path
 
 
 def _grid_records(study: GridStudy, out_dir: Path) -> list[dict]:
     """The records under ``out_dir`` of the cells of ``study``'s grid."""
     cells = {(v.name, seed) for v, seed in grid_cells(study)}
-    return [r for r in read_records(out_dir, study.name) if (r["variant"], r["seed"]) in cells]
+    return [r for r in read_records(out_dir, study.name, features=True) if (r["variant"], r["seed"]) in cells]
 
 
 def _rewrite_report(studies: list[GridStudy], out_dir: Path, report: Path, title: str) -> Path:
     """``--report-only``: the report from the trial records under ``out_dir`` and the saved preamble."""
-    records = {s.name: read_records(out_dir, s.name) for s in studies}
+    records = {s.name: read_records(out_dir, s.name, features=True) for s in studies}
     summary = out_dir / "run_summary.json"
     preamble = json.loads(summary.read_text())["preamble"] if summary.is_file() else ""
     path = write_report(studies, records, report, title=title, preamble=preamble)

@@ -612,6 +612,54 @@ def score_world(plan: WorldImages, edited: DetectorReading, original: DetectorRe
     return out
 
 
+OUTCOMES_VERSION = 1
+"""Layout version of :func:`world_outcomes` (readers check it)."""
+
+
+def plan_hash(plan: WorldImages) -> str:
+    """sha256 (16 hex) of an evaluation's prompts and noise seeds, in order: two evaluations with the same hash
+    drew every image from the same prompt and initial latents, so their per-image outcomes pair up."""
+    return hashlib.sha256(json.dumps({"prompts": plan.prompts, "seeds": plan.seeds}).encode()).hexdigest()[:16]
+
+
+def world_outcomes(plan: WorldImages, edited: DetectorReading, original: DetectorReading
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per-image outcomes of an evaluation, from which every rate, RER and KID of :func:`score_world` can be
+    recomputed, pooled over several evaluations (seeds) and compared between edits on the same noise.
+
+    Returns:
+        (outcomes, features). ``outcomes`` (JSON-ready): ``version``, ``plan_hash`` (:func:`plan_hash`),
+        ``first_seed`` (the noise seed of image 0, :func:`image_seeds`), ``concepts``, ``attributes`` (the erased concepts' attributes);
+        ``domain[concept][set]`` = {"edited": [0/1] * N_set, "original": [0/1] * N_set}, whether the detector
+        finds the concept in image i (sets "word", "synonyms", "heldout"; image order of the plan);
+        ``retain`` = {"labels": {attribute: [value] * N}, "edited": {attribute: [0/1] * N}, "original": ...},
+        whether the detector reads image i's prompted value of each attribute (N held-out retain images).
+        ``features``: float32 ``[N, 128]`` arrays "edited", "original" (detector features of the retain images,
+        scaled by :func:`kid_features`) and "reference" (the true renders), the inputs of KID.
+    """
+    domain: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for c in plan.concepts:
+        domain[c] = {}
+        for name in PHRASE_SETS:
+            sl = plan.slices[(c, name)]
+            domain[c][name] = {tag: shows(_rows(reading, sl), c).astype(int).tolist()
+                               for tag, reading in (("edited", edited), ("original", original))}
+    sl = plan.slices[("retain", "")]
+    labels = [p.labels for p in plan.retain]
+    truth = {a: np.array([ATTRIBUTES[a].index(lab[a]) for lab in labels]) for a in ATTRIBUTES}
+    retain = {"labels": {a: [lab[a] for lab in labels] for a in ATTRIBUTES}}
+    for tag, reading in (("edited", edited), ("original", original)):
+        retain[tag] = {a: (reading.predicted[a][sl] == truth[a]).astype(int).tolist() for a in ATTRIBUTES}
+    outcomes = {"version": OUTCOMES_VERSION, "plan_hash": plan_hash(plan), "first_seed": int(plan.seeds[0]),
+                "concepts": list(plan.concepts),
+                "attributes": sorted({concept_domain(c).attribute for c in plan.concepts}),
+                "domain": domain, "retain": retain}
+    features = {"edited": kid_features(edited.features[sl]).astype(np.float32),
+                "original": kid_features(original.features[sl]).astype(np.float32),
+                "reference": kid_features(true_render_features(plan.retain)).astype(np.float32)}
+    return outcomes, features
+
+
 def _rows(reading: DetectorReading, sl: slice) -> DetectorReading:
     return DetectorReading(features=reading.features[sl], predicted={h: v[sl] for h, v in reading.predicted.items()},
                            probabilities={h: v[sl] for h, v in reading.probabilities.items()})
@@ -643,7 +691,7 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
                    unet: torch.nn.Module | None = None, exclude: tuple[str, ...] = (), seed: int = 0,
                    edited_seed: int | None = None, fidelity: str | WorldEvalFidelity | None = None,
                    quick: bool = False, guidance: float | None = None, num_inference_steps: int | None = None,
-                   detector=None, cache: bool = True) -> dict[str, Any]:
+                   detector=None, cache: bool = True, outcomes: bool = False) -> dict[str, Any]:
     """Erasure metrics of an edited world pipeline against the original, with 95 % intervals (module docstring).
 
     The edit is ``text_encoder`` (erased encoder(s)) and/or ``unet`` (an edited UNet, e.g. ESD-x); with neither,
@@ -662,10 +710,13 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
         fidelity: "full" (default), "quick" or a :class:`~sage_dist.presets.WorldEvalFidelity`; ``quick=True`` is
             ``fidelity="quick"``.
         cache: cache the original model's images on disk (:func:`original_images`).
+        outcomes: also return the per-image outcomes (``"outcomes"``, JSON-ready) and the KID inputs
+            (``"kid_features"``, numpy arrays) of :func:`world_outcomes`, for pooling over seeds.
     Returns:
-        JSON-ready dict: ``<metric>``, ``<metric>_ci95`` [low, high], ``<metric>_n`` for every metric, plus
-        ``guidance``, ``num_inference_steps``, ``fidelity``, ``seconds``, ``neighbours`` and ``prompt_sets``
-        (the prompts and seeds of every scored set). :func:`flat_metrics` turns it into floats for trackers.
+        JSON-ready dict (but ``kid_features``): ``<metric>``, ``<metric>_ci95`` [low, high], ``<metric>_n`` for
+        every metric, plus ``guidance``, ``num_inference_steps``, ``fidelity``, ``seconds``, ``neighbours`` and
+        ``prompt_sets`` (the prompts and seeds of every scored set). :func:`flat_metrics` turns it into floats
+        for trackers.
     Raises:
         ValueError: unknown concept or fidelity, a budget with no interval, an encoder index 1 for a one-encoder
             pipeline, or exclusions that leave no held-out retain combination (all before any image is generated).
@@ -693,8 +744,11 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
     else:
         imgs_edited = original_images(pipe, plan.prompts, edited_seeds, guidance=guidance, num_inference_steps=steps,
                                       cache=cache)
-    result = score_world(plan, read_images(det, imgs_edited), read_images(det, imgs_original), seed=seed,
-                         n_resamples=fid.bootstrap_resamples)
+    reading_edited, reading_original = read_images(det, imgs_edited), read_images(det, imgs_original)
+    result = score_world(plan, reading_edited, reading_original, seed=seed, n_resamples=fid.bootstrap_resamples)
+    if outcomes:
+        result["outcomes"], result["kid_features"] = world_outcomes(plan, reading_edited, reading_original)
+        result["outcomes"]["fidelity"] = fid.name
     result.update(guidance=guidance, num_inference_steps=steps, fidelity=fid.name, seed=seed,
                   edited_seed=seed if edited_seed is None else edited_seed,
                   prompt_sets=_prompt_sets(plan, edited_seeds),

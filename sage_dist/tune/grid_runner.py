@@ -100,15 +100,15 @@ def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSetting
                                             "trial_id": ray.tune.get_context().get_trial_id()})
     try:
         tracker.log_params(study.variant_config(variant, seed).to_flat_dict())
-        record = execute_trial(study, variant, seed, tracker=tracker)
+        record = execute_trial(study, variant, seed, tracker=tracker, out_dir=settings.out_dir)
     except BaseException as err:
         write_record(settings.out_dir, failed_record(study, variant, seed, err))
         _end_quietly(tracker, "FAILED", f"{type(err).__name__}: {err}"[:2000])
         raise
-    write_record(settings.out_dir, record)
+    path = write_record(settings.out_dir, record)  # the KID inputs go to the record's side file
     _end_quietly(tracker, "FINISHED")
     numeric = {k: v for k, v in record["metrics"].items() if isinstance(v, float) and "/" not in k}
-    ray.tune.report({**numeric, "record_json": json.dumps(record, default=float)})
+    ray.tune.report({**numeric, "record_json": path.read_text()})
 
 
 def _end_quietly(tracker, status: str, reason: str = "") -> None:
