@@ -618,12 +618,18 @@ def build_tuner(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOption
                                       reuse_actors=False)
     run_config = tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=0,
-                                callbacks=[ProgressLog()])
+                                callbacks=[ProgressLog(objectives.metrics)])
     return tune.Tuner(trainable, param_space=trial_config(cfg.to_flat_dict(), settings), tune_config=tune_config,
                       run_config=run_config)
 
 
-def _progress_callback_class():
+PROGRESS_METRICS = ("RER_domain", "retention_acc_all", "KID")
+"""Shown with the objectives (and their intervals) when a trial ends."""
+PROGRESS_TIMERS = ("time_train_s", "time_eval_s", "time_total_s")
+"""Seconds shown when a trial ends."""
+
+
+def _progress_callback_class(metrics: tuple[str, ...] = ()):
     from ray import tune
 
     class _ProgressLog(tune.Callback):
@@ -634,9 +640,11 @@ def _progress_callback_class():
             log.info("trial %s started: %s", trial.trial_id, _short(params))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            metrics = {k: v for k, v in (trial.last_result or {}).items()
-                       if k.startswith(("text_", "RER", "KID", "concept_rate", "retention_acc", "time_"))}
-            log.info("trial %s finished: %s", trial.trial_id, _short(metrics))
+            result = trial.last_result or {}
+            shown = [m for m in (*metrics, *PROGRESS_METRICS) if m in result]
+            parts = [f"{m} {with_interval(result, m)}" for m in dict.fromkeys(shown)]
+            parts += [f"{k}={result[k]:.0f}" for k in PROGRESS_TIMERS if k in result]
+            log.info("trial %s finished: %s", trial.trial_id, ", ".join(parts))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log.warning("trial %s failed (see its MLflow run's failure_reason)", trial.trial_id)
@@ -644,8 +652,9 @@ def _progress_callback_class():
     return _ProgressLog
 
 
-def ProgressLog():  # noqa: N802 - a factory that keeps Ray out of import time
-    return _progress_callback_class()()
+def ProgressLog(metrics: tuple[str, ...] = ()):  # noqa: N802 - a factory that keeps Ray out of import time
+    """A Tune callback logging one line per trial start, end (``metrics`` with their intervals first) and failure."""
+    return _progress_callback_class(tuple(metrics))()
 
 
 def _short(values: dict) -> str:
