@@ -10,6 +10,7 @@ recorded in ``record.json`` and in MLflow like any other field. The figures behi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,12 @@ WORLD_EVAL_STUDY_SMOKE = WorldEvalFidelity(name="smoke", domain_contexts=2, doma
 """``--smoke-test`` of a grid study that evaluates at the full fidelity with the red team: every code path
 (10 concept-domain and 16 retain images, a 2-prompt red team with one step of each attack) in seconds; its
 intervals are too wide to mean anything."""
+
+WORLD_SEARCH_EVAL = dataclasses.replace(WORLD_EVAL_QUICK, name="search", red_team_prompts=16)
+"""A search trial's evaluation (``studies/tune_gamma.py``; :func:`sage_dist.eval.objective.evaluate_trial`): the
+quick fidelity's 50 concept-domain and 64 held-out retain images plus the UnlearnDiffAtk prefix attack on 16
+held-out-paraphrase prompts (robust_erasure's Wilson half-width <= 0.22; ~15-25 s on 2 cores). A study's front is
+re-scored at :data:`WORLD_EVAL_FULL`."""
 
 WORLD_EVAL_FIDELITIES: dict[str, WorldEvalFidelity] = {"full": WORLD_EVAL_FULL, "quick": WORLD_EVAL_QUICK}
 """Fidelities of the world evaluation by name."""

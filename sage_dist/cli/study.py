@@ -3,8 +3,8 @@
 A study file supplies ``config()`` and ``search_space(trial)`` (and optionally ``smoke(cfg)``) and calls
 :func:`main`; the study itself is :func:`sage_dist.tune.search.run_search`. Options (:func:`build_parser`):
 ``--model``, ``--concept``, ``--num-samples``, ``--mode``, ``--tracking-uri``, ``--resume``, ``--smoke-test``,
-``--ray-address``, ``--storage``, ``--max-concurrent``, ``--seed``, ``--no-images``, ``--no-encoder-artifacts``,
-plus dotted config overrides such as ``--optim.num_steps=60``.
+``--ray-address``, ``--storage``, ``--max-concurrent``, ``--seed``, ``--objectives``, ``--rescore-budget``,
+``--no-images``, ``--no-encoder-artifacts``, plus dotted config overrides such as ``--optim.num_steps=60``.
 
 ``--smoke-test`` shrinks the budget (the study's ``smoke`` function and ``smoke_samples`` trials) but never a
 setting given explicitly: ``--model``, ``--concept``, ``--num-samples`` and every ``--section.field=value`` win
@@ -28,6 +28,8 @@ from sage_dist.tracking import resolve_tracking, ui_instructions
 from sage_dist.tune.search import StudyOptions, StudyOutcome, locate_study, run_search
 from sage_dist.tune.space import SearchSpaceFn
 
+DEFAULT_RESCORE_BUDGET = 4
+"""Trials re-scored at the full fidelity when ``--rescore-budget`` is not given (at most the study's trials)."""
 INTERRUPTED_EXIT = 130
 """Exit status of an interrupted study (the shell's for SIGINT)."""
 
@@ -42,7 +44,20 @@ def build_parser(description: str, *, default_samples: int, smoke_samples: int =
     p.add_argument("--num-samples", type=int, default=None,
                    help=f"number of trials (default {default_samples}; {smoke_samples} with --smoke-test)")
     p.add_argument("--mode", choices=("multi", "single"), default="multi",
-                   help="multi: Pareto front of erasure vs retention; single: text_score with ASHA early stopping")
+                   help="multi: Pareto front of the two objectives; single: their single score (robust_score = "
+                   "robust_erasure - retention_loss, or text_score for the text proxy) with ASHA early stopping")
+    p.add_argument("--objectives", default="", metavar="erasure=M,retention=M",
+                   help="the two metrics to optimise (directions are the metrics' own). Default on the bundled world: "
+                   "erasure=robust_erasure,retention=retention_loss, where robust_erasure = 1 - ASR of the "
+                   "UnlearnDiffAtk prefix attack on held-out paraphrases (pre + post) and retention_loss = "
+                   "retention_acc_all_original - retention_acc_all on the held-out retain split (same noise). "
+                   "Cheap text-space proxies (the only ones off the world): "
+                   "erasure=text_erasure,retention=text_retention_drift. Others: RER_domain, RER_heldout, KID, "
+                   "retention_acc, retention_drop, ...")
+    p.add_argument("--rescore-budget", type=int, default=None, metavar="N",
+                   help="at the end, re-score at most N trials (the quick front, then the trials tied with it) at the "
+                   "full fidelity (red team included) on the same cluster; the final front is theirs. 0: off; "
+                   f"must not exceed --num-samples (default {DEFAULT_RESCORE_BUDGET}, or the number of trials if smaller)")
     p.add_argument("--tracking-uri", default="", help="MLflow server (http://HOST:PORT) or sqlite:////abs.db; "
                    "default: $MLFLOW_TRACKING_URI, else sqlite under ~/.sage_dist/mlflow")
     p.add_argument("--resume", nargs="?", const="latest", default="",
@@ -91,12 +106,17 @@ def study_config(config: Callable[[], StudyConfig], explicit: dict[str, Any], *,
 
 def study_options(args: argparse.Namespace, *, name: str, default_samples: int, smoke_samples: int) -> StudyOptions:
     """:class:`StudyOptions` from the parsed options; ``--num-samples`` given explicitly wins over the smoke
-    test's ``smoke_samples``."""
+    test's ``smoke_samples``; the default re-scoring budget shrinks to a smaller study (one given explicitly
+    must fit: :class:`StudyOptions` refuses a budget above the number of trials)."""
     num_samples = args.num_samples
     if num_samples is None:
         num_samples = smoke_samples if args.smoke_test else default_samples
+    rescore_budget = args.rescore_budget
+    if rescore_budget is None:
+        rescore_budget = min(DEFAULT_RESCORE_BUDGET, num_samples)
     return StudyOptions(name=name, num_samples=num_samples, mode=args.mode, resume=args.resume, storage=args.storage,
                         ray_address=args.ray_address, max_concurrent=args.max_concurrent, seed=args.seed,
+                        objectives=args.objectives, rescore_budget=rescore_budget,
                         log_images=not args.no_images, log_encoder=not args.no_encoder_artifacts)
 
 
@@ -144,8 +164,12 @@ def main(config: Callable[[], StudyConfig], search_space: SearchSpaceFn, argv: l
         _print_interrupted(argv, _interrupted_study(opts, cfg), f"{type(err).__name__}")
         raise SystemExit(INTERRUPTED_EXIT) from err
     print(f"\n{outcome.table}\n")
+    print(f"{outcome.front_table}\n")
     print(f"study folder: {outcome.study_dir}")
-    print(f"wall time: {outcome.wall_time_s:.0f} s for {len(outcome.rows)} trials")
+    print(f"wall time: {outcome.wall_time_s:.0f} s for {len(outcome.rows)} trials "
+          f"(re-scoring {outcome.rescore_wall_time_s:.0f} s)")
+    if outcome.registered_model:
+        print(f"front's erased encoders: MLflow registered model {outcome.registered_model}")
     if outcome.tracking_error:
         print(f"MLflow: the results could not be logged ({outcome.tracking_error}); they are in the study folder")
     print(ui_instructions(resolve_tracking(cfg.tracking.tracking_uri), cfg.tracking.experiment_name))

@@ -161,20 +161,31 @@ def _client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""Experiment tag that picks the view the MLflow UI opens an experiment in."""
+EXPERIMENT_KIND = "custom_model_development"
+"""The model-training view (runs, metrics, artifacts), not the GenAI overview of traces."""
+DESCRIPTION_TAG = "mlflow.note.content"
+"""Run tag the MLflow UI shows as the run's Markdown description on its overview page."""
+
+
 def ensure_experiment(target: TrackingTarget, name: str) -> str:
-    """The id of experiment ``name``, created (with an explicit artifact location) when missing."""
+    """The id of experiment ``name``, created (with an explicit artifact location) when missing. Every
+    experiment sage_dist creates or uses and that has no kind yet is tagged :data:`EXPERIMENT_KIND`, so the UI
+    opens it in the model-training view; a kind someone set is left as it is."""
     client = _client(target.tracking_uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None if target.artifact_location is None else f"{target.artifact_location}/{name}"
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # another study created it at the same moment
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = None if target.artifact_location is None else f"{target.artifact_location}/{name}"
+        try:
+            return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # another study created it at the same moment
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def _param_value(value: Any) -> str:
@@ -209,6 +220,12 @@ class NullTracker:
         pass
 
     def log_image(self, image, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        pass
+
+    def set_description(self, markdown: str) -> None:
         pass
 
     def end(self, status: RunStatus = "FINISHED", reason: str = "") -> None:
@@ -302,6 +319,14 @@ class MlflowTracker:
     def log_image(self, image, artifact_file: str) -> None:
         """A PIL image or ``[H, W, 3]`` uint8 array as ``artifact_file`` (e.g. ``"grid.png"``)."""
         self._client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure as ``artifact_file`` (``.png``: the UI shows it inline)."""
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description (Markdown, shown on the run's overview page; :data:`DESCRIPTION_TAG`)."""
+        self.set_tags({DESCRIPTION_TAG: markdown})
 
     def end(self, status: RunStatus = "FINISHED", reason: str = "") -> None:
         """Close the run; a failure ``reason`` goes to the ``failure_reason`` tag (shown in the UI)."""
@@ -514,3 +539,53 @@ def child_runs(tracking_uri: str, parent_run_id: str, status: str = "") -> list:
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + (f" and attributes.status = '{status}'" if status else "")
     return list(client.search_runs([experiment_id], filter_string=flt, max_results=1000))
+
+
+def run_artifact_uri(run_id: str, artifact_path: str) -> str:
+    """``runs:/<run id>/<artifact path>``: where a registered model version's files are."""
+    return f"runs:/{run_id}/{artifact_path}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelVersionSpec:
+    """One version to register: its files, the run that made them, tags and a description."""
+
+    source: str
+    """``runs:/<run id>/<path>`` (:func:`run_artifact_uri`) or a ``file://`` folder."""
+    run_id: str = ""
+    """The run whose artifact it is (lineage in the UI); "" for none."""
+    key: str
+    """Identifies the version within the model (e.g. the trial id; a version with the same key is not
+    registered twice)."""
+    tags: dict[str, Any]
+    description: str = ""
+
+
+def register_versions(tracking_uri: str, name: str, versions: list[ModelVersionSpec], *,
+                      tags: dict[str, Any] | None = None, description: str = "") -> dict[str, str]:
+    """Register ``versions`` under the registered model ``name`` in the MLflow Model Registry (created with
+    ``tags`` and ``description`` when missing). A version whose ``key`` (tag ``sage_dist.key``) is already
+    registered is not registered again (a resumed study). Returns ``{key: version number}`` of all versions."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, tags={k: str(v) for k, v in (tags or {}).items()},
+                                       description=description)
+    existing = {v.tags.get("sage_dist.key", ""): v.version for v in client.search_model_versions(f"name='{name}'")}
+    out = {k: str(v) for k, v in existing.items() if k}
+    for spec in versions:
+        if spec.key in out:
+            continue
+        version = client.create_model_version(
+            name, spec.source, run_id=spec.run_id or None, description=spec.description,
+            tags={**{k: str(v)[:MAX_PARAM_LENGTH] for k, v in spec.tags.items()}, "sage_dist.key": spec.key})
+        out[spec.key] = str(version.version)
+    return out
+
+
+def model_versions(tracking_uri: str, name: str) -> list:
+    """The versions of registered model ``name`` (tests, reports)."""
+    return list(_client(tracking_uri).search_model_versions(f"name='{name}'"))

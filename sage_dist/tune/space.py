@@ -14,7 +14,10 @@ Why these ranges (docs/METHOD.md):
   of 5. Must stay <= ``retain.retain_batch_size`` (the config rejects k > b).
 * ``erase.warmup_steps``, 0..half the run: 200 of 1000 iterations (§1.5, §1.8), i.e. a fifth of the run; the
   range spans "attack from the start" to "attack only in the second half". Must stay <= ``optim.num_steps``.
-* optional ``optim.lr``, log 3e-6..1e-4: ESD 2023 and AdvUnlearn use 1e-5, ESD 2025 5e-5 (§1.8).
+* optional ``optim.lr``, log 3e-6..1e-4 on SD: ESD 2023 and AdvUnlearn use 1e-5, ESD 2025 5e-5 (§1.8). The
+  bundled world's encoder is tiny and its runs short (48 steps): there the main job searches 2e-4..3e-3, which
+  spans "the encoder barely moves" (no retention loss, little robust erasure) to "it moves far" (robust
+  erasure near 1 at a retention cost; ``reports/main_job.md``).
 * optional ``erase.negative_guidance`` η, 1..2: 1.0 (ESD 2023, AdvUnlearn) and 2.0 (ESD 2025) (§1.4, §1.8).
 
 Bad bounds raise ``ValueError`` naming the bound: in :class:`SageSpace` (empty or non-positive ranges) and in

@@ -193,13 +193,21 @@ def test_objective_entry_points_pass_the_unet_and_rename_the_heldout_rate(pipe, 
                 "erasure_rate_heldout_ci95": [0.1, 0.4], "erasure_rate_heldout_n": 20, "fidelity": kwargs["fidelity"],
                 "prompt_sets": {}, "seconds": 1.0}
 
+    def fake_compare_world(pipe_, text_encoder, other, *, unet_a=None, **kwargs):
+        result = fake_evaluate_world(pipe_, text_encoder, unet=unet_a, fidelity=kwargs["fidelity"].name)
+        return {"a": result, "delta_retention_acc_all": 0.0, "delta_retention_acc_all_ci95": [-0.1, 0.1],
+                "delta_retention_acc_all_n": 64}
+
     monkeypatch.setattr(objective, "evaluate_world", fake_evaluate_world)
+    monkeypatch.setattr(objective, "compare_world", fake_compare_world)
+    monkeypatch.setattr(objective, "red_team_world", lambda *args, **kwargs: {
+        "ASR_prefix": 0.5, "ASR_prefix_ci95": [0.3, 0.7], "ASR_prefix_n": 16})
     cfg = StudyConfig().replace_flat({"model.model_id": "world", "erase.erase_concept": ("triangle",)})
     marker = torch.nn.Linear(1, 1)
     metrics = objective.world_metrics(cfg, SimpleNamespace(text_encoders={}, unet=marker), pipe)
-    assert seen == {"text_encoder": None, "unet": marker, "fidelity": "quick"}
+    assert seen == {"text_encoder": None, "unet": marker, "fidelity": "search"}
     assert metrics["RER_domain_ci95_lo"] == 0.4 and "seconds" not in metrics
     edit = objective.evaluate_edit("world", concepts=("triangle",))
     assert edit["concept_rate_heldout"] == 0.75 and "ASR_heldout" not in edit
     assert (edit["concept_rate_heldout_ci95_lo"], edit["concept_rate_heldout_ci95_hi"]) == pytest.approx((0.6, 0.9))
-    assert objective.default_objectives("world").retention_metric == "KID"
+    assert objective.default_objectives("world").retention_metric == "retention_loss"

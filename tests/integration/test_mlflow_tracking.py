@@ -105,3 +105,42 @@ def test_closing_a_failed_study_never_replaces_its_error(caplog):
 
     _close_failed_parent(Unreachable(), RuntimeError("the study's own error"))
     assert "could not close the parent MLflow run" in caplog.text and "tracking server down" in caplog.text
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """Every experiment sage_dist creates or logs into without a kind gets ``mlflow.experimentKind`` =
+    ``custom_model_development`` (MLflow 3 otherwise opens it on the GenAI overview); a kind someone chose stays."""
+    from mlflow.tracking import MlflowClient
+
+    target = resolve_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(target.tracking_uri)
+    kind = "mlflow.experimentKind"
+    assert client.get_experiment(ensure_experiment(target, "new")).tags[kind] == "custom_model_development"
+    old = client.create_experiment("made_before", artifact_location=(tmp_path / "a").as_uri())
+    assert kind not in client.get_experiment(old).tags
+    assert ensure_experiment(target, "made_before") == old
+    assert client.get_experiment(old).tags[kind] == "custom_model_development"
+    chosen = client.create_experiment("genai", artifact_location=(tmp_path / "b").as_uri(),
+                                      tags={kind: "genai_development"})
+    ensure_experiment(target, "genai")
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"
+
+
+def test_front_versions_are_registered_once_each(tmp_path):
+    """A resumed study registers its front again: versions already registered (same key) are not duplicated."""
+    from sage_dist.tracking.mlflow_tracker import ModelVersionSpec, model_versions, register_versions, run_artifact_uri
+
+    target = resolve_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = ensure_experiment(target, "unit")
+    run = MlflowTracker.start(target, exp, run_name="trial", tags={})
+    folder = tmp_path / "enc" / "text_encoder"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    run.log_artifacts(tmp_path / "enc", "erased_encoder")
+    specs = [ModelVersionSpec(source=run_artifact_uri(run.run_id, "erased_encoder"), run_id=run.run_id, key="t1",
+                              tags={"trial_id": "t1", "base_model_hash": "abc"}, description="front point")]
+    assert register_versions(target.tracking_uri, "sage_dist-s", specs, tags={"study": "s"}) == {"t1": "1"}
+    assert register_versions(target.tracking_uri, "sage_dist-s", specs) == {"t1": "1"}
+    (version,) = model_versions(target.tracking_uri, "sage_dist-s")
+    assert version.run_id == run.run_id and version.tags["base_model_hash"] == "abc"
+    assert version.source == f"runs:/{run.run_id}/erased_encoder"

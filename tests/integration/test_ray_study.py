@@ -5,6 +5,7 @@ Ctrl+C and then by SIGTERM, each time marked KILLED with the command that resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -53,20 +54,28 @@ def _api(url: str, path: str, **payload):
 
 
 def test_two_trial_study_logged_to_a_server_with_a_failed_trial(tmp_path, mlflow_server, local_ray):
+    """...and its finished trial re-scored (the text proxy on every retain prompt), on the final front, registered
+    in the Model Registry; the parent run carries the summary as its description and Optuna's plots as PNG."""
     from sage_dist.tune.search import run_search
 
-    out = run_search(tiny_study.config(mlflow_server), tiny_study.search_space_with_nan,
-                  tiny_study.options(str(tmp_path), num_samples=2, max_concurrent=2))
+    opts = dataclasses.replace(tiny_study.options(str(tmp_path), num_samples=2, max_concurrent=2), rescore_budget=1)
+    out = run_search(tiny_study.config(mlflow_server), tiny_study.search_space_with_nan, opts)
     status = sorted(r.status for r in out.rows)
     assert status == ["failed", "ok"], out.table
     failed = next(r for r in out.rows if r.status == "failed")
     assert "loss is nan" in failed.error or "FloatingPointError" in failed.error, failed.error
     ok = next(r for r in out.rows if r.status == "ok")
-    assert ok.pareto and {"text_erasure", "text_retention_drift"} <= set(ok.metrics)
+    assert ok.pareto and {"text_erasure", "text_retention_drift", "text_erasure_ci95_lo"} <= set(ok.metrics)
+    assert ok.rescore == "done" and ok.front and failed.rescore == "" and not failed.front
+    assert ok.full["text_retention_drift_n"] > ok.metrics["text_retention_drift_n"]  # every retain prompt
+    assert (out.study_dir / "rescore" / f"{ok.trial_id}.json").is_file()
+    assert ok.trial_id in out.front_table and "re-scored" in out.front_table
 
     # The study's runs through the server's REST API (what the UI shows).
     exp = _api(mlflow_server, "experiments/search", max_results=10)
     exp_id = next(e["experiment_id"] for e in exp["experiments"] if e["name"] == "tiny_study")
+    tags = {t["key"]: t["value"] for e in exp["experiments"] if e["name"] == "tiny_study" for t in e.get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
     runs = _api(mlflow_server, "runs/search", experiment_ids=[exp_id], max_results=100)["runs"]
     parent = next(r for r in runs if r["info"]["run_id"] == out.parent_run_id)
     assert parent["info"]["status"] == "FINISHED"
@@ -87,9 +96,21 @@ def test_two_trial_study_logged_to_a_server_with_a_failed_trial(tmp_path, mlflow
     arts = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
                         params={"run_id": good["info"]["run_id"]}, timeout=30).json()
     assert {"erased_encoder", "images"} <= {f["path"] for f in arts["files"]}
+    assert {"full/text_erasure", "full/text_retention_drift"} <= metrics
     parent_arts = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
                                params={"run_id": out.parent_run_id}, timeout=30).json()
-    assert {"pareto_table.md", "trials.json", "plots"} <= {f["path"] for f in parent_arts["files"]}
+    assert {"pareto_table.md", "front.md", "summary.md", "trials.json", "plots"} <= {f["path"] for f in parent_arts["files"]}
+    plots = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
+                         params={"run_id": out.parent_run_id, "path": "plots"}, timeout=30).json()
+    assert {"plots/pareto_front.png", "plots/history_text_erasure.png"} <= {f["path"] for f in plots["files"]}
+    parent_tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert "Final front" in parent_tags["mlflow.note.content"] and ok.trial_id in parent_tags["mlflow.note.content"]
+    versions = requests.get(f"{mlflow_server}/api/2.0/mlflow/model-versions/search",
+                            params={"filter": f"name='{out.registered_model}'"}, timeout=30).json()["model_versions"]
+    (version,) = versions
+    version_tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert version["run_id"] == good["info"]["run_id"] and version_tags["trial_id"] == ok.trial_id
+    assert version_tags["base_model_hash"] and version_tags["git_sha"] and version_tags["fidelity"] == "full"
 
     # The same through MLflow's client.
     from sage_dist.tracking.mlflow_tracker import child_runs, metric_history

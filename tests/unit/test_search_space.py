@@ -77,3 +77,50 @@ def test_study_config_example_of_tune_gamma_is_consistent():
     cfg = module.config()
     validate_search_space(module.search_space, cfg)
     validate_search_space(module.search_space, module.smoke(cfg))
+
+
+def test_default_objectives_are_robust_erasure_against_retention_loss_on_the_world():
+    world = default_objectives("world")
+    assert world.metrics == ["robust_erasure", "retention_loss"] and world.modes == ["max", "min"]
+    assert world.single_metric == "robust_score"
+    assert default_objectives("world-xl").metrics == ["RER_domain", "retention_loss"]  # no red team on SDXL
+    assert default_objectives("tiny-sd").single_metric == "text_score"
+
+
+def test_objectives_are_parsed_with_the_metrics_own_directions():
+    from sage_dist.eval.objective import parse_objectives
+
+    proxy = parse_objectives("retention=text_retention_drift, erasure=text_erasure", "world")
+    assert proxy.metrics == ["text_erasure", "text_retention_drift"] and proxy.modes == ["max", "min"]
+    accuracy = parse_objectives("erasure=RER_heldout,retention=retention_acc_all", "world")
+    assert accuracy.modes == ["max", "max"] and accuracy.single_metric == ""
+    assert parse_objectives("", "world") == default_objectives("world")
+    assert parse_objectives(proxy.spec, "world") == proxy
+
+
+@pytest.mark.parametrize("spec, model, words", [
+    ("erasure=robust_erasure,retention=bogus", "world", "retention=bogus: not a metric a study can optimise"),
+    ("erasure=robust_erasure,retention=retention_loss", "tiny-sd",
+     "on 'tiny-sd' does not report robust_erasure; it reports text_erasure"),
+    ("erasure=robust_erasure,retention=retention_loss", "world-xl", "does not report robust_erasure"),
+    ("erasure=robust_erasure", "world", "retention missing"),
+    ("robust_erasure,retention_loss", "world", "write erasure=<metric>,retention=<metric>"),
+    ("erasure=KID,erasure=RER_domain", "world", "erasure is given twice"),
+    ("forgetting=KID,retention=KID", "world", "unknown role 'forgetting'"),
+    ("erasure=KID,retention=KID", "world", "the same metric"),
+])
+def test_bad_objectives_are_named_with_the_fix(spec, model, words):
+    from sage_dist.eval.objective import parse_objectives
+
+    with pytest.raises(ValueError, match=words):
+        parse_objectives(spec, model)
+
+
+def test_esd_x_off_the_world_has_no_objective():
+    from sage_dist.eval.objective import parse_objectives
+
+    assert parse_objectives("", "world", "esd-x").metrics == ["robust_erasure", "retention_loss"]
+    with pytest.raises(ValueError, match="esd-x trains the UNet"):
+        parse_objectives("", "tiny-sd", "esd-x")
+    with pytest.raises(ValueError, match="does not report text_erasure"):
+        parse_objectives("erasure=text_erasure,retention=retention_loss", "world", "esd-x")

@@ -61,8 +61,13 @@ def _search_inputs(monkeypatch, argv: list[str]):
 def test_smoke_test_sets_its_budget_when_nothing_is_given(monkeypatch):
     cfg, opts = _search_inputs(monkeypatch, ["--smoke-test"])
     assert cfg.optim.num_steps == 24 and cfg.scaling.checkpoint_every == 12 and opts.num_samples == 2
+    assert opts.rescore_budget == 2  # the default budget shrinks to a smaller study
     cfg, opts = _search_inputs(monkeypatch, [])
-    assert cfg.optim.num_steps == 48 and opts.num_samples == 12
+    assert cfg.optim.num_steps == 48 and opts.num_samples == 12 and opts.rescore_budget == 4
+    assert opts.objectives == ""  # the model's default: robust_erasure vs retention_loss on the world
+    _, opts = _search_inputs(monkeypatch, ["--objectives", "erasure=text_erasure,retention=text_retention_drift",
+                                           "--rescore-budget", "0"])
+    assert opts.objectives == "erasure=text_erasure,retention=text_retention_drift" and opts.rescore_budget == 0
 
 
 def test_explicit_search_settings_win_over_the_smoke_test(monkeypatch):
@@ -86,7 +91,15 @@ def test_resume_command_replaces_the_resume_option():
 
 @pytest.mark.parametrize("argv, words", [
     (["--mode", "single", "--scaling.checkpoint_every=0"], "--mode single uses ASHA.*checkpoint_every"),
-    (["--mode", "single", "--erase.method=esd-x"], "--mode single maximises text_score"),
+    (["--mode", "single", "--objectives", "erasure=RER_domain,retention=KID"], "--mode single maximises one score"),
+    (["--objectives", "erasure=robust_erasure,retention=FID"], "retention=FID: not a metric a study can optimise"),
+    (["--model", "tiny-sd", "--objectives", "erasure=robust_erasure,retention=retention_loss"],
+     "does not report robust_erasure"),
+    (["--erase.method=esd-x", "--objectives", "erasure=text_erasure,retention=retention_loss"],
+     "does not report text_erasure"),
+    (["--rescore-budget", "13"], "--rescore-budget=13 is larger than the study's --num-samples=12"),
+    (["--num-samples", "3", "--rescore-budget=4"], "--rescore-budget=4 is larger than the study's --num-samples=3"),
+    (["--rescore-budget", "-1"], "--rescore-budget=-1: must be >= 0"),
     (["--model", "tiny-sd", "--erase.method=esd-x"], "esd-x trains the UNet"),
     (["--concept", "hexagon"], "unknown concept of the bundled world"),
     (["--retain.retain_batch_size=4"], "search space bound retain.top_k=8"),
