@@ -8,7 +8,7 @@ t ~ U[⌊1000·i/S⌋, ⌊1000·(i+1)/S⌋). No gradient flows through the sampl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -115,27 +115,79 @@ class BankSample:
     """ε_o(z, t, τ_o(prompt of the row)) ``[B, C, H, W]`` float32."""
 
 
+@dataclass
+class BankState:
+    """The contents of a :class:`TrajectoryBank`, separate from the bank so that several runs can share them
+    (``sage_dist/train/shared.py`` keeps one per study, model, concept and seed, and persists it).
+
+    Every value is a pure function of its key (see :class:`TrajectoryBank`), so a state filled by one run
+    serves another run of the same frozen model, seed, guidance and schedule exactly.
+    """
+
+    levels: dict[tuple[str, int], dict[int, Tensor]] = field(default_factory=dict)
+    """(prompt key, slot) -> DDIM index -> z ``[1, C, H, W]`` in the UNet's dtype (index S − 1: the start noise)."""
+    targets: dict[tuple[str, int, int], tuple[int, Tensor, Tensor]] = field(default_factory=dict)
+    """(prompt key, slot, DDIM index) -> (t, ε_o(z, t, ∅) ``[1, C, H, W]``, ε_o(z, t, prompt) ``[1, C, H, W]``)
+    in the UNet's dtype."""
+
+    def merge(self, other: "BankState") -> int:
+        """Add the entries of ``other`` that this state lacks (existing ones are equal by construction and kept);
+        returns how many levels and targets were added."""
+        added = 0
+        for entry, levels in other.levels.items():
+            mine = self.levels.setdefault(entry, {})
+            for i, z in levels.items():
+                if i not in mine:
+                    mine[i] = z
+                    added += 1
+        for key, value in other.targets.items():
+            if key not in self.targets:
+                self.targets[key] = value
+                added += 1
+        return added
+
+
 class TrajectoryBank:
-    """Frozen-model DDIM trajectories, ``bank_size`` per prompt key, extended on demand .
+    """Frozen-model DDIM trajectories, ``bank_size`` per prompt key, extended on demand.
 
     Level i of an entry is the latent at the noise level of DDIM index i (what
     :meth:`DiffusionSampler.rollout` returns for ``ddim_index = i``) for a start noise drawn from ``seed``
-    and the (key, slot) pair, so the bank's contents do not depend on the order of use. An entry is only
-    run as deep as it has been asked for, so its first use costs what a fresh rollout costs, in one batched
-    rollout over all rows of a step, and later uses are free. The DDPM timestep of (key, slot, i) is drawn
-    once from the same bin as :meth:`DiffusionSampler.draw`, and the frozen predictions there are cached
-    too: once warm, a training step only runs the student.
+    and the (key, slot) pair. An entry is only run as deep as it has been asked for, so its first use costs
+    what a fresh rollout costs, and later uses are free. The DDPM timestep of (key, slot, i) is drawn once from
+    the same bin as :meth:`DiffusionSampler.draw`, and the frozen predictions there are cached too: once warm,
+    a training step only runs the student.
+
+    **Every value is a pure function of its key**, bit for bit: each entry is stepped, and its targets are
+    computed, in a UNet call of its own (2 rows: ∅ and the entry's prompt), never batched with other entries.
+    A batched call would make an entry's floats depend on which other entries shared its batch (CPU kernels
+    block and vectorise by batch size), and so on the order of use. Hence the bank's contents do not depend on
+    the order of use, a run resumed from a checkpoint refills it with the same values, and a :class:`BankState`
+    filled by one run serves another exactly (``state``). Unbatched calls cost more than batched ones (about 2x
+    on the bundled world's small UNet on a CPU, ``reports/benchmarks.md``); a study's trials share the state, so a
+    study pays that once per entry.
 
     This approximates the reference sampling (finite start noises, one t per bin and entry): a config
     choice (``erase.rollout_cache``) whose effect on RER and retention is measured (README, closing notes).
+
+    Args:
+        sampler: the frozen model's sampler.
+        bank_size: start noises per prompt key.
+        guidance: classifier-free guidance of the rollouts (``erase.start_guidance``).
+        seed: seed of the start noises and timesteps.
+        state: contents to read and extend (default: a new, empty :class:`BankState`); it must have been filled
+            with the same frozen model, ``seed``, ``guidance`` and DDIM schedule (the caller keys it by them).
     """
 
-    def __init__(self, sampler: DiffusionSampler, *, bank_size: int, guidance: float, seed: int):
+    def __init__(self, sampler: DiffusionSampler, *, bank_size: int, guidance: float, seed: int,
+                 state: BankState | None = None):
         self.sampler, self.bank_size, self.guidance, self.seed = sampler, bank_size, guidance, seed
-        self._levels: dict[tuple[str, int], dict[int, Tensor]] = {}
-        self._targets: dict[tuple[str, int, int], tuple[int, Tensor, Tensor]] = {}
+        self.state = state if state is not None else BankState()
+        self._levels = self.state.levels
+        self._targets = self.state.targets
         self.num_ddim_rows = 0
-        """Row-steps of DDIM sampling done so far (cost accounting)."""
+        """Entry-steps of DDIM sampling this bank computed (not those it found in ``state``; cost accounting)."""
+        self.num_target_rows = 0
+        """Entries whose frozen predictions this bank computed (not those found in ``state``)."""
 
     def _generator(self, key: str, *extra: int) -> torch.Generator:
         import zlib
@@ -150,32 +202,35 @@ class TrajectoryBank:
 
     @property
     def num_built(self) -> int:
-        """Entries (key, slot) started so far."""
+        """Entries (key, slot) started so far (including those found in ``state``)."""
         return len(self._levels)
 
     @torch.no_grad()
     def _extend(self, entries: list[tuple[str, int]], conds: Conditioning, uncond: Conditioning, ddim_index: int) -> None:
-        """Run every entry down to ``ddim_index``, batching the rows that sit at the same level."""
+        """Run every entry down to ``ddim_index``, one entry per UNet call (see the class docstring)."""
         s = self.sampler
         top = s.ddim_steps - 1
+        done: set[tuple[str, int]] = set()
         for j, entry in enumerate(entries):
-            if entry not in self._levels:
-                self._levels[entry] = {top: self._noise(*entry).to(s.unet.dtype)}
-        for k in range(top - ddim_index):
-            level = top - k
-            rows = [j for j, e in enumerate(entries) if min(self._levels[e]) == level]
-            rows = [j for n, j in enumerate(rows) if entries[j] not in [entries[r] for r in rows[:n]]]
-            if not rows:
+            if entry in done:
                 continue
-            z = torch.cat([self._levels[entries[j]][level] for j in rows]).to(s.out_dtype)
-            index = torch.tensor(rows)
-            t = int(s.scheduler.timesteps[k])
-            both = Conditioning.cat([Conditioning.cat([uncond] * len(rows)), conds.select(index)])
-            eps_u, eps_c = s.eps(torch.cat([z, z]), t, both).chunk(2)
-            z_next = s.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, z, eta=0.0).prev_sample
-            self.num_ddim_rows += len(rows)
-            for n, j in enumerate(rows):
-                self._levels[entries[j]][level - 1] = z_next[n : n + 1].to(s.unet.dtype)
+            done.add(entry)
+            levels = self._levels.get(entry)
+            if levels is None:
+                levels = self._levels[entry] = {top: self._noise(*entry).to(s.unet.dtype)}
+            level = min(levels)
+            if level <= ddim_index:
+                continue
+            both = Conditioning.cat([uncond, conds.select(torch.tensor([j]))])
+            z = levels[level].to(s.out_dtype)
+            while level > ddim_index:
+                t = int(s.scheduler.timesteps[top - level])
+                eps_u, eps_c = s.eps(torch.cat([z, z]), t, both).chunk(2)
+                z = s.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, z, eta=0.0).prev_sample
+                level -= 1
+                levels[level] = z.to(s.unet.dtype)
+                z = levels[level].to(s.out_dtype)  # continue from the stored value, as a later extension would
+                self.num_ddim_rows += 1
 
     def latents(self, keys: list[str], conds: Conditioning, uncond: Conditioning, ddim_index: int,
                 generator: torch.Generator) -> Tensor:
@@ -193,20 +248,17 @@ class TrajectoryBank:
         latents = torch.cat([self._levels[e][ddim_index] for e in entries]).to(s.out_dtype)
         if not with_targets:
             return BankSample(latents, torch.empty(0, dtype=torch.long), latents[:0], latents[:0])
-        missing = [j for j, e in enumerate(entries) if (*e, ddim_index) not in self._targets]
-        missing = [j for n, j in enumerate(missing) if entries[j] not in [entries[r] for r in missing[:n]]]
-        if missing:
-            lo = s.num_train_timesteps * ddim_index // s.ddim_steps
-            hi = max(s.num_train_timesteps * (ddim_index + 1) // s.ddim_steps, lo + 1)
-            ts = [int(torch.randint(lo, hi, (1,), generator=self._generator(*entries[j], ddim_index))) for j in missing]
-            index = torch.tensor(missing)
-            z = latents[index]
-            t = torch.tensor(ts + ts, device=z.device)
-            both = Conditioning.cat([Conditioning.cat([uncond] * len(missing)), conds.select(index)])
-            eps_u, eps_c = s.eps(torch.cat([z, z]), t, both).chunk(2)
-            for n, j in enumerate(missing):
-                self._targets[(*entries[j], ddim_index)] = (ts[n], eps_u[n : n + 1].to(s.unet.dtype),
-                                                             eps_c[n : n + 1].to(s.unet.dtype))
+        lo = s.num_train_timesteps * ddim_index // s.ddim_steps
+        hi = max(s.num_train_timesteps * (ddim_index + 1) // s.ddim_steps, lo + 1)
+        for j, entry in enumerate(entries):
+            if (*entry, ddim_index) in self._targets:
+                continue
+            t = int(torch.randint(lo, hi, (1,), generator=self._generator(*entry, ddim_index)))
+            z = latents[j : j + 1]
+            both = Conditioning.cat([uncond, conds.select(torch.tensor([j]))])
+            eps_u, eps_c = s.eps(torch.cat([z, z]), torch.tensor([t, t], device=z.device), both).chunk(2)
+            self._targets[(*entry, ddim_index)] = (t, eps_u.to(s.unet.dtype), eps_c.to(s.unet.dtype))
+            self.num_target_rows += 1
         cached = [self._targets[(*e, ddim_index)] for e in entries]
         return BankSample(latents, torch.tensor([c[0] for c in cached], device=latents.device),
                           torch.cat([c[1] for c in cached]).to(s.out_dtype), torch.cat([c[2] for c in cached]).to(s.out_dtype))

@@ -43,6 +43,7 @@ from sage_dist.train.checkpoint import (
     publish_entries,
     save_checkpoint,
 )
+from sage_dist.train.shared import FrozenCache
 from sage_dist.train.step import Eraser
 from sage_dist.train.validate import validate_inputs
 
@@ -131,7 +132,8 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
                 on_checkpoint: Callable[[int, Path], None] | None = None, checkpoint_dir: str | Path | None = None,
                 checkpoint_interval_s: float | None = None, keep_checkpoints: int | None = None,
                 stop_requested: Callable[[], bool] | None = None,
-                resume_from: str | Path | None = None, progress: bool = True, pipe=None) -> ErasureResult:
+                resume_from: str | Path | None = None, progress: bool = True, pipe=None,
+                frozen_cache: FrozenCache | None = None) -> ErasureResult:
     """Erase ``cfg.erase.erase_concept`` from ``cfg.model.model_id`` by training its text encoder(s).
 
     Args:
@@ -156,6 +158,8 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
         resume_from: a checkpoint folder to continue from (same config).
         progress: tqdm bar on rank 0.
         pipe: an already loaded pipeline (skips loading; must match ``cfg.model``).
+        frozen_cache: frozen-model work shared with other runs (:mod:`sage_dist.train.shared`), passed to the
+            :class:`~sage_dist.train.step.Eraser`; the numbers are identical without it.
     Returns:
         :class:`ErasureResult`.
     Raises:
@@ -179,7 +183,7 @@ def run_erasure(cfg: StudyConfig, *, out_dir: str | Path | None = None, tracker=
     if pipe is None:
         device = resolve_device(cfg.model.device)
         pipe = load_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device), device=device)
-    eraser = Eraser(cfg, pipe, retain_prompts, rank=rank, world_size=world_size)
+    eraser = Eraser(cfg, pipe, retain_prompts, rank=rank, world_size=world_size, frozen_cache=frozen_cache)
     if wrap_trainable is not None:
         if cfg.erase.method != "esd-x":
             eraser.conditioner.wrap_trainable(wrap_trainable)

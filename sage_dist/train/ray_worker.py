@@ -13,7 +13,13 @@ this module adds
 * intermediate metrics at each checkpoint (losses and the text-space proxy, so ASHA can stop a trial) and the
   final metrics of :func:`sage_dist.eval.objective.evaluate_trial`;
 * MLflow logging on rank 0 only (per-step losses, final metrics, the original-vs-erased image grid, the
-  erased encoder), into the child run the Tune trial created.
+  erased encoder), into the child run the Tune trial created;
+* the study's shared frozen-model work (:mod:`sage_dist.train.shared`): the pipeline loaded once per process,
+  the τ_o conditioning of the retain prompts and the trajectory bank read from and added to the study's cache
+  (``WorkerRun.frozen_cache_dir``), with the same numbers as a run that computes them itself.
+
+:func:`run_worker` is the worker's body without Ray Train: a one-worker Tune trial runs it in its own process
+(:mod:`sage_dist.tune.trial`), reporting to Tune instead of Ray Train.
 
 Called directly (no Ray session), it runs as rank 0 of 1 and returns the final metrics (tests)::
 
@@ -25,6 +31,7 @@ attack=AttackConfig(attack_steps=3), retain=RetainConfig(retain_batch_size=4, to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -33,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,14 +52,15 @@ from sage_dist.eval.objective import (
 )
 from sage_dist.models.load import (
     frozen_dtype,
-    load_pipeline,
     load_text_encoders,
     original_encoders,
     resolve_device,
 )
 from sage_dist.models.registry import is_sdxl
 from sage_dist.tracking import MlflowTracker, NullTracker
+from sage_dist.train.checkpoint import ensure_writable_folder
 from sage_dist.train.loop import run_erasure, save_outputs
+from sage_dist.train.shared import cache_fields, frozen_pipeline, open_frozen_cache
 from sage_dist.train.validate import validate_inputs
 
 log = logging.getLogger(__name__)
@@ -71,6 +79,9 @@ class WorkerRun:
     """Log the original-vs-erased image grid."""
     log_encoder: bool = True
     """Log the erased encoder folder as an MLflow artifact."""
+    frozen_cache_dir: str = ""
+    """Folder of the study's cache of frozen-model work (:mod:`sage_dist.train.shared`; τ_o of the retain prompts,
+    the trajectory bank), read and extended by this run; "" computes everything in this run (same numbers)."""
     grid_steps: int = 10
     """DDIM steps of the image grid."""
     world_quick: bool = True
@@ -132,7 +143,8 @@ def ddp_options(cfg: StudyConfig, pipe) -> dict[str, Any]:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
-    """Run one erasure on this worker (see module docstring); returns the final metrics (rank 0; others {}).
+    """Run one erasure on this Ray Train worker (see module docstring); returns the final metrics (rank 0;
+    others {}). Called directly (no Ray session), it runs :func:`run_worker` as rank 0 of 1.
 
     Args:
         config: from :func:`worker_config`: ``{"study": flat StudyConfig, "run": WorkerRun fields}``.
@@ -140,74 +152,126 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         ValueError: bad configuration or inputs (before the model is loaded).
         FloatingPointError: a loss or a final metric is NaN / infinite.
     """
-
-    t_enter = time.time()
     cfg = StudyConfig.from_flat_dict(config["study"])
     run = WorkerRun(**config["run"])
     retain_prompts = validate_inputs(cfg)
+    ctx = _train_context()
+    if ctx is None:
+        return run_worker(cfg, run, retain_prompts=retain_prompts, t_start=_process_start_time())
+    import ray.train
+    import ray.train.torch
+
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else resolve_device(cfg.model.device)
+
+    def prepare(pipe):
+        return functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options(cfg, pipe))
+
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+                         checkpoint_dir_name=f"step_{int(metrics['step']):06d}")
+
+    checkpoint = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="sage_ckpt_") as ckpt_root, \
+            (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()) as resume_dir:
+        if resume_dir is not None:
+            log.info("rank %d resumes from %s", rank, resume_dir)
+        final = run_worker(cfg, run, rank=rank, world_size=world_size, device=device, prepare=prepare,
+                           resume_from=resume_dir, checkpoint_dir=ckpt_root, report=report,
+                           retain_prompts=retain_prompts, t_start=_process_start_time())
+    # not "done": Tune reads a "done" key as "stop this trial now" and would kill the trial mid-teardown
+    ray.train.report({"step": cfg.optim.num_steps, "trial_finished": 1, **final})
+    return final
+
+
+def run_worker(cfg: StudyConfig, run: WorkerRun, *, rank: int = 0, world_size: int = 1,
+               device: torch.device | None = None, prepare: Callable[[Any], Callable] | None = None,
+               resume_from: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+               keep_checkpoints: int | None = None,
+               report: Callable[[dict[str, float], Path | None], None] | None = None,
+               retain_prompts: list[str] | None = None, t_start: float | None = None) -> dict[str, float]:
+    """One erasure of ``cfg`` on this process: pipeline (:func:`sage_dist.train.shared.frozen_pipeline`, loaded
+    once per process), the study's frozen cache (``run.frozen_cache_dir``), training with checkpoints, then on
+    rank 0 evaluation and MLflow logging. The Ray Train worker (:func:`train_fn_per_worker`) and a one-worker Tune
+    trial running in its own process (:mod:`sage_dist.tune.trial`) both call it.
+
+    Args:
+        cfg, run: the study configuration and the run's settings.
+        rank, world_size: data-parallel position (0 / 1 outside a Ray Train worker group).
+        device: where the frozen pipeline goes (default :func:`~sage_dist.models.load.resolve_device` of
+            ``cfg.model.device``).
+        prepare: ``prepare(pipe)`` returns the wrapper of the trainable encoders (DDP), or None.
+        resume_from: a checkpoint folder to continue from.
+        checkpoint_dir: where checkpoints go every ``scaling.checkpoint_every`` steps (None: none are written).
+        keep_checkpoints: checkpoints kept in ``checkpoint_dir`` (None: all).
+        report: called after each checkpoint with ``(metrics, folder)``: the step, the last step's losses and, on
+            rank 0, the text-space proxy (``folder`` is None on other ranks).
+        retain_prompts: from :func:`~sage_dist.train.validate.validate_inputs` (computed here when None).
+        t_start: when this worker's work began (Unix time): process start for a fresh process, the trial's
+            start for a reused one; ``time_worker_start_s`` is the time from it to this call.
+    Returns:
+        Rank 0: the final metrics of :func:`sage_dist.eval.objective.evaluate_trial`, plus ``time_*`` (seconds:
+        worker start, pipeline load, training, evaluation, logging), ``pipeline_reused`` (1: the process had the
+        pipeline loaded) and ``frozen_cache_*`` (entries found in the study's cache at the start, bank rows this
+        run computed). Other ranks: {}.
+    Raises:
+        ValueError: bad configuration or inputs, an unwritable cache folder (before the model is loaded).
+        FloatingPointError: a loss or a final metric is NaN / infinite.
+    """
+    t_enter = time.time()
+    t_start = t_enter if t_start is None else t_start
+    if retain_prompts is None:
+        retain_prompts = validate_inputs(cfg)
+    if run.frozen_cache_dir:
+        ensure_writable_folder(run.frozen_cache_dir, "frozen cache folder")
     torch.set_flush_denormal(True)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ctx = _train_context()
-    rank, world_size = (ctx.get_world_rank(), ctx.get_world_size()) if ctx is not None else (0, 1)
-    if ctx is not None:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     tracker = _tracker(run, rank)
-
-    if ctx is not None and cfg.scaling.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = resolve_device(cfg.model.device)
+    device = device if device is not None else resolve_device(cfg.model.device)
     t_load = time.time()
-    pipe = load_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device), device=device)
-    timing = {"time_worker_start_s": t_enter - _process_start_time(), "time_load_s": time.time() - t_load}
+    pipe, reused = frozen_pipeline(cfg.model.model_id, dtype=frozen_dtype(cfg.model.frozen_dtype, device),
+                                   device=device)
+    timing = {"time_worker_start_s": t_enter - t_start, "time_load_s": time.time() - t_load,
+              "pipeline_reused": float(reused)}
+    cache = None
+    if run.frozen_cache_dir:
+        cache = open_frozen_cache(run.frozen_cache_dir, cache_fields(cfg, pipe, retain_prompts, rank=rank),
+                                  device=pipe.unet.device)
+    found = cache.counts() if cache is not None else {"tau_o": 0, "levels": 0, "targets": 0}
     originals = original_encoders(pipe)
-
-    resume_dir, resume_ctx = None, None
-    wrap = None
-    if ctx is not None:
-        import ray.train
-        import ray.train.torch
-
-        wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options(cfg, pipe))
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            resume_ctx = checkpoint.as_directory()
-            resume_dir = resume_ctx.__enter__()
-            log.info("rank %d resumes from %s", rank, resume_dir)
-
     last = {"metrics": {}}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         last["metrics"] = metrics
 
     def on_checkpoint(done: int, folder: Path) -> None:
-        report = {"step": done, **{k: v for k, v in last["metrics"].items()}}
-        if rank == 0:
-            if cfg.erase.method != "esd-x":  # the text-space proxy reads trained text encoders
-                trained = load_text_encoders(folder, originals, dtype=torch.float32)
-                proxy = text_proxy_metrics(cfg, originals, trained, pipe.tokenizer, retain_prompts)
-                report.update(proxy)
-                tracker.log_metrics(proxy, done)
-        if ctx is not None:
-            import ray.train
+        metrics = {"step": done, **{k: v for k, v in last["metrics"].items()}}
+        if rank == 0 and cfg.erase.method != "esd-x":  # the text-space proxy reads trained text encoders
+            trained = load_text_encoders(folder, originals, dtype=torch.float32)
+            proxy = text_proxy_metrics(cfg, originals, trained, pipe.tokenizer, retain_prompts)
+            metrics.update(proxy)
+            tracker.log_metrics(proxy, done)
+        if report is not None:
+            report(metrics, folder if rank == 0 else None)
 
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None,
-                             checkpoint_dir_name=f"step_{done:06d}")
-
-    with tempfile.TemporaryDirectory(prefix="sage_ckpt_") as ckpt_root:
+    result = run_erasure(cfg, out_dir=None, tracker=tracker, rank=rank, world_size=world_size,
+                         wrap_trainable=prepare(pipe) if prepare is not None else None, on_step=on_step,
+                         on_checkpoint=on_checkpoint, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+                         resume_from=resume_from, progress=False, pipe=pipe, frozen_cache=cache)
+    if cache is not None:
         try:
-            result = run_erasure(cfg, out_dir=None, tracker=tracker, rank=rank, world_size=world_size,
-                                 wrap_trainable=wrap, on_step=on_step, on_checkpoint=on_checkpoint,
-                                 checkpoint_dir=ckpt_root, resume_from=resume_dir, progress=False, pipe=pipe)
-        finally:
-            if resume_ctx is not None:
-                resume_ctx.__exit__(None, None, None)
+            cache.persist()
+        except OSError as err:  # the trial's result stands; later trials recompute what could not be stored
+            log.warning("frozen cache %s not written (%s: %s)", cache.folder, type(err).__name__, err)
+    bank = result.eraser.bank if result.eraser is not None else None
+    cache_use = {"frozen_cache_tau_o_found": float(found["tau_o"]),
+                 "frozen_cache_levels_found": float(found["levels"]),
+                 "frozen_cache_targets_found": float(found["targets"]),
+                 "frozen_cache_bank_rows_computed": float(bank.num_ddim_rows + bank.num_target_rows if bank else 0)}
 
     final: dict[str, float] = {}
     if rank == 0:
-
         t_eval = time.time()
         final = evaluate_trial(cfg, result, pipe=pipe, retain_prompts=retain_prompts, world_quick=run.world_quick)
         timing.update(time_train_s=result.wall_time_s, time_eval_s=time.time() - t_eval)
@@ -226,11 +290,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
             except Exception as err:  # a grid is a nicety: never fail a finished trial for it
                 log.warning("image grid skipped: %s: %s", type(err).__name__, err)
         timing["time_log_s"] = time.time() - t_log
-        tracker.log_metrics(timing, cfg.optim.num_steps)
+        tracker.log_metrics({**timing, **cache_use}, cfg.optim.num_steps)
         final.update(timing)
-    if ctx is not None:
-        import ray.train
-
-        # not "done": Tune reads a "done" key as "stop this trial now" and would kill the trial mid-teardown
-        ray.train.report({"step": cfg.optim.num_steps, "trial_finished": 1, **final})
+        final.update(cache_use)
     return final

@@ -45,10 +45,16 @@ from sage_dist.models.sampler import DiffusionSampler, RolloutDraw, TrajectoryBa
 from sage_dist.models.text import MAX_LENGTH, Conditioning, PromptBatch, TextConditioner
 from sage_dist.retention.sampler import RetainSampler
 from sage_dist.train.methods import method_spec
+from sage_dist.train.shared import FrozenCache
 
 log = logging.getLogger(__name__)
 
 NUM_SPECIAL_TOKENS = 2  # <|startoftext|>, <|endoftext|> are the last two ids of the CLIP vocabulary
+TAU_O_CHUNK = 16
+"""Retain prompts per τ_o pass: prompt j of the retain set is always encoded together with the other prompts of
+its chunk ``j // TAU_O_CHUNK``, so its conditioning is a pure function of the prompt and the retain set, whatever
+order the steps ask for it (a batch's floats depend on its composition), and a cache filled by another run holds
+the same floats (``frozen_cache``)."""
 
 
 @dataclass
@@ -122,9 +128,13 @@ class Eraser:
         retain_prompts: the retain set (already filtered; at least ``retain_batch_size`` prompts unless ESD).
         rank, world_size: this worker's place in a data-parallel group. Each rank draws its own rollout noise
             and attack templates; all ranks draw the same retain batch and take their shard of it.
+        frozen_cache: τ_o conditioning and trajectory-bank contents shared with other runs of the same frozen
+            model, concepts, seed, rank and retain set (:mod:`sage_dist.train.shared`, which keys it); read and
+            extended in place. The run's numbers are identical with and without it.
     """
 
-    def __init__(self, cfg: StudyConfig, pipe, retain_prompts: list[str], *, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: StudyConfig, pipe, retain_prompts: list[str], *, rank: int = 0, world_size: int = 1,
+                 frozen_cache: FrozenCache | None = None):
         self.cfg = cfg
         self.method = cfg.erase.method
         self.spec = method_spec(self.method)
@@ -150,7 +160,11 @@ class Eraser:
         self.templates = load_templates(cfg.attack.template_library)
         self.max_norms = max_token_norms(self.conditioner)
         self._uncond1 = self.conditioner.uncond(1)
-        self._retain_cache: dict[str, Conditioning] = {}
+        self.retain_prompts = list(retain_prompts)
+        self._retain_position: dict[str, int] = {}
+        for j, p in enumerate(self.retain_prompts):
+            self._retain_position.setdefault(p, j)
+        self._retain_cache: dict[str, Conditioning] = frozen_cache.tau_o if frozen_cache is not None else {}
         self.concepts: dict[str, ConceptState] = {}
         for c in cfg.erase.erase_concept:
             word = self.conditioner.embed([c])
@@ -185,20 +199,25 @@ class Eraser:
         self.bank = None
         if cfg.erase.rollout_cache:
             self.bank = TrajectoryBank(self.sampler, bank_size=cfg.erase.rollout_bank_size,
-                                       guidance=cfg.erase.start_guidance, seed=cfg.optim.seed * 7919 + rank)
+                                       guidance=cfg.erase.start_guidance, seed=cfg.optim.seed * 7919 + rank,
+                                       state=frozen_cache.bank if frozen_cache is not None else None)
 
     # ---- frozen-model caches (exact: τ_o and the UNet never change) ----------------------------------------
     def uncond(self, rows: int) -> Conditioning:
         return Conditioning.cat([self._uncond1] * rows) if rows else self._uncond1.select(torch.arange(0))
 
     def retain_original(self, prompts: list[str]) -> Conditioning:
-        """τ_o conditioning of retain prompts, computed once per prompt."""
+        """τ_o conditioning of retain prompts, computed once per prompt: a prompt of the retain set with its
+        :data:`TAU_O_CHUNK` chunk, any other prompt alone (so every value is a pure function of its prompt)."""
         missing = [p for p in prompts if p not in self._retain_cache]
-        if missing:
+        chunks = sorted({self._retain_position[p] // TAU_O_CHUNK for p in missing if p in self._retain_position})
+        batches = [self.retain_prompts[c * TAU_O_CHUNK : (c + 1) * TAU_O_CHUNK] for c in chunks]
+        batches += [[p] for p in dict.fromkeys(missing) if p not in self._retain_position]
+        for batch in batches:
             with torch.no_grad():
-                cond = self.conditioner.condition(self.conditioner.embed(missing), trained=False)
-            for j, p in enumerate(missing):
-                self._retain_cache[p] = cond.select(torch.tensor([j]))
+                cond = self.conditioner.condition(self.conditioner.embed(batch), trained=False)
+            for j, p in enumerate(batch):
+                self._retain_cache.setdefault(p, cond.select(torch.tensor([j])))
         return Conditioning.cat([self._retain_cache[p] for p in prompts])
 
     # ---- attack -----------------------------------------------------------------------------------------------

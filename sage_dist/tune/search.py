@@ -103,7 +103,14 @@ from sage_dist.tune.results import (
     with_interval,
 )
 from sage_dist.tune.space import LABELS, SearchSpaceFn, validate_search_space
-from sage_dist.tune.trial import TrialSettings, run_trial, trial_config, trial_study_config
+from sage_dist.tune.trial import (
+    TrialSettings,
+    run_trial,
+    runs_in_process,
+    trial_config,
+    trial_resources,
+    trial_study_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +364,7 @@ def _run(plan: SearchPlan, search_space: SearchSpaceFn, t0: float, *, where: str
                                  experiment_id=experiment_id, parent_run_id=parent.run_id, git_sha=sha,
                                  driver_cpus=opts.driver_cpus, tune_metrics=tuple(tune_metrics),
                                  log_images=opts.log_images, log_encoder=opts.log_encoder)
-        trainable = tune.with_resources(run_trial, {"cpu": opts.driver_cpus})
+        trainable = tune.with_resources(run_trial, trial_resources(cfg, settings))
         if plan.resuming:
             tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -608,14 +615,14 @@ def build_tuner(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOption
     if opts.mode == "multi":
         searcher = OptunaSearch(space=search_space, metric=objectives.metrics, mode=objectives.modes, seed=opts.seed)
         tune_config = tune.TuneConfig(search_alg=searcher, num_samples=opts.num_samples,
-                                      max_concurrent_trials=concurrency, reuse_actors=False)
+                                      max_concurrent_trials=concurrency, reuse_actors=runs_in_process(cfg, settings))
     else:
         reports = cfg.optim.num_steps // cfg.scaling.checkpoint_every + 1
         searcher = OptunaSearch(space=search_space, metric=objectives.single_metric, mode="max", seed=opts.seed)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=objectives.single_metric,
                                       mode="max", num_samples=opts.num_samples, max_concurrent_trials=concurrency,
-                                      reuse_actors=False)
+                                      reuse_actors=runs_in_process(cfg, settings))
     run_config = tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=0,
                                 callbacks=[ProgressLog(objectives.metrics)])

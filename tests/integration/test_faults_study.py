@@ -57,8 +57,15 @@ def _loss_steps(uri: str, run_id: str) -> list[int]:
 
 def _saved_steps(storage: Path) -> dict[str, int]:
     """Per trial id, the steps done at the latest checkpoint its Train run would resume from (Ray Train's own
-    record of it), 0 for a trial without one."""
+    record of it; for a one-worker trial running in its own process, its latest ``train/<trial id>/step_N``),
+    0 for a trial without one."""
+    from sage_dist.train.checkpoint import checkpoint_step, latest_checkpoint
+
     saved = {}
+    for folder in storage.glob("tiny-*/train/*"):
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            saved[folder.name] = checkpoint_step(latest)
     for snapshot in storage.glob("tiny-*/train/*/checkpoint_manager_snapshot.json"):
         try:
             latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
@@ -179,7 +186,8 @@ def test_train_worker_killed_mid_trial_resumes_to_the_same_encoder(tmp_path, loc
 
     def kill_worker():
         tiny_study.wait_for(lambda: any(_saved_steps(storage).values()), "the trial's first checkpoint")
-        workers = tiny_study.wait_for(lambda: _my_processes("ray::RayTrainWorker"), "the Train worker process")
+        workers = tiny_study.wait_for(lambda: _my_processes("ray::RayTrainWorker") or _my_processes("ray::ImplicitFunc"),
+                                      "the process that trains (Train worker, or the one-worker trial's own)")
         for proc in workers:
             proc.send_signal(signal.SIGKILL)
             killed.append(proc.pid)
