@@ -237,7 +237,7 @@ TINY_MODELS = {"multi_concept": "tiny-sd", "dual_encoder": "tiny-sdxl", "templat
 @pytest.mark.parametrize("name", STUDY_FILES)
 def test_smoke_trials_on_tiny_models(name):
     """Every smoke variant of each study on a random tiny model (every procedure; text-space proxy metrics)."""
-    from sage_dist.tune.grid import execute_trial, smoke_version
+    from sage_dist.tune.grid import execute_trial, json_record, smoke_version
 
     study = smoke_version(load_study_module(name).study(TINY_MODELS[name]))
     for variant in study.variants:
@@ -264,7 +264,8 @@ def _world_smoke_trial(name: str, variant_name: str) -> dict:
     for key in ("RER_domain", "RER_heldout", "concept_rate_heldout", "retention_acc", "KID", "train_s", "eval_s"):
         assert key in m
     assert 0.0 <= m["retention_acc"] <= 1.0
-    json.dumps(record)
+    assert {k: v.shape[1] for k, v in record["features"].items()} == {"edited": 128, "original": 128, "reference": 128}
+    json.dumps(json_record(record))  # the record as written, its KID inputs moved to the side file
     return record
 
 
