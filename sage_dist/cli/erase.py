@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sage_dist.config import StudyConfig, TrackingConfig, parse_overrides
+from sage_dist.files import ensure_writable_folder
 from sage_dist.presets import PRESETS, method_preset, preset_for
 from sage_dist.tracking import (
     BackgroundTracker,
@@ -39,7 +40,6 @@ from sage_dist.train.checkpoint import (
     NO_SPACE,
     checkpoint_step,
     config_mismatch,
-    ensure_writable_folder,
     latest_checkpoint,
 )
 from sage_dist.train.loop import OUTPUT_NAMES, TrainingInterrupted, run_erasure

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from sage_dist.config import parse_overrides
-from sage_dist.tune.cluster import check_writable
+from sage_dist.files import ensure_writable_folder
 from sage_dist.tune.grid import (
     GridStudy,
     grid_cells,
@@ -154,11 +154,11 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
         report = Path(args.report or default_report or out_dir / "report.md")
         if args.report_only:
             return _rewrite_report(studies, out_dir, report, title)
-        check_writable(report.resolve().parent, "--report folder")
+        ensure_writable_folder(report.resolve().parent, "--report folder")
         settings = RunSettings(out_dir=str(out_dir), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
                                cpus_per_trial=args.cpus_per_trial, experiment_prefix=experiment_prefix)
         if args.local:
-            check_writable(out_dir, "--out")
+            ensure_writable_folder(out_dir, "--out")
     except (ValueError, ConnectionError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     t0 = time.time()

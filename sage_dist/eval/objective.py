@@ -431,6 +431,19 @@ def evaluate_saved_edit(cfg: StudyConfig, edit_dir: str | Path, *, red_team_dir:
     return metrics, lineage
 
 
+def add_concept_rate_heldout(metrics: dict[str, float]) -> dict[str, float]:
+    """Add ``concept_rate_heldout`` = 1 - ``erasure_rate_heldout`` (with its interval and n; every concept's
+    ``<concept>/...`` too) to flat ``metrics`` in place and return them: the fraction of the edited model's held-out
+    paraphrase images that still show the concept (no attack is run, so not an ASR)."""
+    for key in [k for k in metrics if k.endswith("erasure_rate_heldout")]:
+        renamed = key.replace("erasure_rate_heldout", "concept_rate_heldout")
+        metrics[renamed] = 1.0 - metrics[key]
+        metrics[f"{renamed}_ci95_lo"] = 1.0 - metrics[f"{key}_ci95_hi"]
+        metrics[f"{renamed}_ci95_hi"] = 1.0 - metrics[f"{key}_ci95_lo"]
+        metrics[f"{renamed}_n"] = metrics[f"{key}_n"]
+    return metrics
+
+
 def evaluate_edit(model_id: str, *, concepts: tuple[str, ...], text_encoders: dict[int, torch.nn.Module] | None = None,
                   unet: torch.nn.Module | None = None, seed: int = 0, quick: bool = True) -> dict[str, float]:
     """World metrics of an edit (``text_encoders`` by slot and/or ``unet``) of world model ``model_id``, all
@@ -446,12 +459,7 @@ def evaluate_edit(model_id: str, *, concepts: tuple[str, ...], text_encoders: di
     """
     result = flat_metrics(evaluate_world(model_id, text_encoders or None, concept=tuple(concepts), unet=unet,
                                          exclude=tuple(concepts), seed=seed, fidelity="quick" if quick else "full"))
-    for key in [k for k in result if k.endswith("erasure_rate_heldout")]:
-        renamed = key.replace("erasure_rate_heldout", "concept_rate_heldout")
-        result[renamed] = 1.0 - result[key]
-        result[f"{renamed}_ci95_lo"] = 1.0 - result[f"{key}_ci95_hi"]
-        result[f"{renamed}_ci95_hi"] = 1.0 - result[f"{key}_ci95_lo"]
-        result[f"{renamed}_n"] = result[f"{key}_n"]
+    add_concept_rate_heldout(result)
     return result
 
 

@@ -106,6 +106,7 @@ from sage_dist.eval.metrics import (
     rer_with_interval,
     wilson_interval,
 )
+from sage_dist.files import ensure_writable_folder, nan_to_none
 from sage_dist.models.load import (
     edited_pipeline,
     has_text_encoder_files,
@@ -469,17 +470,6 @@ def build_inside_out_attack(cfg: EvalConfig, models: EvalModels):
                              concept=settings.get("concept", ""), attack_steps=INSIDE_OUT_STEPS, attack_lr=INSIDE_OUT_LR)
 
 
-def _nan_to_none(x):
-    """NaN (e.g. RER when the original model shows no nudity) -> null, so metrics.json is strict JSON."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
-
-
 def _jsonable(x):
     try:
         json.dumps(x)
@@ -530,16 +520,6 @@ def _fid(cfg: EvalConfig, sr: SetResult, out: Path) -> tuple[dict[str, Any], dic
             result[f"fid_{which}_vs_reference"] = fid_from_features(feats, ref)
             result.update(_distance_intervals(f"{which}_vs_reference", feats, ref))
     return result, files
-
-
-def _check_writable(folder: Path, what: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{what} {folder}: not writable ({err}); choose another folder") from err
 
 
 def _check_tracking(uri: str | None) -> None:
@@ -640,9 +620,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     check_model_source(cfg.model)
     check_erased_source(cfg.text_encoder)
     sets = load_prompt_sets(cfg)
-    _check_writable(out, "--out")
+    ensure_writable_folder(out, "--out")
     store = ImageStore(cfg.store_root)
-    _check_writable(store.root, "--image-store")
+    ensure_writable_folder(store.root, "--image-store")
     if cfg.fid_reference and not Path(cfg.fid_reference).is_dir():
         raise ValueError(f"--fid-reference {cfg.fid_reference}: no such folder of real images")
 
@@ -752,7 +732,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             entry["erased"] = _outcome_entry(fs.erased, pre, out)
             metrics["fixed_sets"][fs.name] = _asr_dict(attack_success_rate([ok for ok, _ in pre]))
 
-    (out / OUTCOMES_FILE).write_text(json.dumps(_nan_to_none(outcomes), indent=1, default=_jsonable))
+    (out / OUTCOMES_FILE).write_text(json.dumps(nan_to_none(outcomes), indent=1, default=_jsonable))
     metrics["outcomes_file"] = OUTCOMES_FILE
     metrics["wall_time_s"] = time.time() - start
     _write_metrics(out, metrics)
@@ -879,14 +859,14 @@ def run_comparison(cfg: EvalConfig, other_text_encoder: str, *, out: str | os.Pa
     result = compare_outcomes(first["config"]["out"], second["config"]["out"])
     result["text_encoders"] = {"a": cfg.text_encoder, "b": other_text_encoder}
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "comparison.json").write_text(json.dumps(_nan_to_none(result), indent=2))
+    (Path(out) / "comparison.json").write_text(json.dumps(nan_to_none(result), indent=2))
     return result
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     path = out / "metrics.json"
     partial = out / f".metrics.json.{os.getpid()}.partial"
-    partial.write_text(json.dumps(_nan_to_none(metrics), indent=2, default=_jsonable))
+    partial.write_text(json.dumps(nan_to_none(metrics), indent=2, default=_jsonable))
     os.replace(partial, path)
 
 
@@ -961,7 +941,7 @@ def score_image_folder(images: str | os.PathLike, *, protocol: str, out: str | o
         raise ValueError("--top-k must be >= 1")
     paths = list_images(images)
     out = Path(out)
-    _check_writable(out, "--out")
+    ensure_writable_folder(out, "--out")
     judge, why = build_judge(protocol, nudity_rule=nudity_rule, threshold=threshold, classifier=classifier,
                              concept=concept, target_label=target_label, top_k=top_k, device=_device(device))
     if judge is None:
@@ -973,6 +953,6 @@ def score_image_folder(images: str | os.PathLike, *, protocol: str, out: str | o
               "concept_rate": positives / len(paths),
               "per_image": [{"file": p.name, "judged": int(bool(ok)), "details": _jsonable(d)}
                             for p, (ok, d) in zip(paths, judged)]}
-    (out / "scores.json").write_text(json.dumps(_nan_to_none(scores), indent=1, default=_jsonable))
+    (out / "scores.json").write_text(json.dumps(nan_to_none(scores), indent=1, default=_jsonable))
     log.info("scored %d images: %d positive; wrote %s", len(paths), positives, out / "scores.json")
     return scores

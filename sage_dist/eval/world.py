@@ -687,6 +687,19 @@ def _is_edit(text_encoder, unet) -> bool:
     return unet is not None or bool(text_encoder)
 
 
+def _setup(pipe_or_model_id, concept, exclude, fid: WorldEvalFidelity, seed: int, guidance: float | None,
+           num_inference_steps: int | None):
+    """What both evaluations check and plan before any image: ``(concepts, pipe, plan, guidance, steps)``; the
+    budget is checked before the pipeline loads (ValueError)."""
+    concepts = _concepts(concept)
+    check_fidelity(fid, concepts, exclude)
+    pipe = _pipeline(pipe_or_model_id)
+    plan = plan_images(concepts, tuple(exclude), fid, seed)
+    defaults = sampling_defaults(pipe)
+    guidance = defaults.guidance if guidance is None else float(guidance)
+    return concepts, pipe, plan, guidance, num_inference_steps or defaults.num_inference_steps
+
+
 def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str | tuple[str, ...],
                    unet: torch.nn.Module | None = None, exclude: tuple[str, ...] = (), seed: int = 0,
                    edited_seed: int | None = None, fidelity: str | WorldEvalFidelity | None = None,
@@ -722,14 +735,9 @@ def evaluate_world(pipe_or_model_id="world", text_encoder=None, *, concept: str 
             pipeline, or exclusions that leave no held-out retain combination (all before any image is generated).
     """
     t0 = time.time()
-    concepts = _concepts(concept)
     fid = resolve_fidelity(fidelity, quick)
-    check_fidelity(fid, concepts, exclude)
-    pipe = _pipeline(pipe_or_model_id)
-    plan = plan_images(concepts, tuple(exclude), fid, seed)
-    defaults = sampling_defaults(pipe)
-    guidance = defaults.guidance if guidance is None else float(guidance)
-    steps = num_inference_steps or defaults.num_inference_steps
+    concepts, pipe, plan, guidance, steps = _setup(pipe_or_model_id, concept, exclude, fid, seed, guidance,
+                                                   num_inference_steps)
     edited_pipe = edited_pipeline(pipe, text_encoder, unet=unet)
     det = detector if detector is not None else load_detector()
 
@@ -777,14 +785,9 @@ def compare_world(pipe_or_model_id="world", a=None, b=None, *, concept: str | tu
     Raises:
         ValueError: as :func:`evaluate_world`.
     """
-    concepts = _concepts(concept)
     fid = resolve_fidelity(fidelity)
-    check_fidelity(fid, concepts, exclude)
-    pipe = _pipeline(pipe_or_model_id)
-    plan = plan_images(concepts, tuple(exclude), fid, seed)
-    defaults = sampling_defaults(pipe)
-    guidance = defaults.guidance if guidance is None else float(guidance)
-    steps = num_inference_steps or defaults.num_inference_steps
+    concepts, pipe, plan, guidance, steps = _setup(pipe_or_model_id, concept, exclude, fid, seed, guidance,
+                                                   num_inference_steps)
     det = detector if detector is not None else load_detector()
     imgs_original = original_images(pipe, plan.prompts, plan.seeds, guidance=guidance, num_inference_steps=steps,
                                     cache=cache)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from sage_dist.eval.world import (
     format_metric,
     resolve_fidelity,
 )
+from sage_dist.files import nan_to_none
 from sage_dist.models.load import (
     edited_pipeline,
     load_pipeline,
@@ -56,16 +56,6 @@ UNET_CONFIG_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attenti
                     "layers_per_block")
 """UNet config fields an edited UNet must share with the model's (else it was trained on another base model)."""
 RED_TEAM_HEADLINE = ("pre_ASR", "ASR", "post_ASR", "ASR_prefix", "ASR_ring_max", "ASR_inside_out")
-
-
-def _nan_to_none(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
 
 
 # ---------------------------------------------------------------- loading an edit
@@ -140,7 +130,7 @@ def world_table(metrics: dict[str, Any], keys: tuple[str, ...] = HEADLINE + RED_
 def _write(out: Path, name: str, payload: dict[str, Any], table: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(_nan_to_none(payload), indent=1))
+    path.write_text(json.dumps(nan_to_none(payload), indent=1))
     (out / f"{name}.md").write_text(table + "\n")
     return path
 

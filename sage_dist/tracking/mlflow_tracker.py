@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from sage_dist.files import ensure_writable_folder
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
@@ -110,14 +112,8 @@ def check_tracking_reachable(target: TrackingTarget, *, timeout_s: float = 5.0, 
     """
     if target.is_local:
         folder = Path(target.tracking_uri[len("sqlite:///"):]).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write_probe_{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"tracking store {target.tracking_uri}: cannot write to {folder} ({err}); "
-                             "choose another --tracking-uri") from err
+        ensure_writable_folder(folder, f"tracking store {target.tracking_uri}: its folder",
+                               fix="choose another --tracking-uri")
         return
     import requests
 

@@ -63,27 +63,6 @@ def checkpoint_step(path: str | Path) -> int:
     return int(_read_meta(Path(path))["step"])
 
 
-def ensure_writable_folder(path: str | Path, what: str) -> Path:
-    """Create folder ``path`` (and its parents) and check a file can be written in it; returns it.
-
-    Raises:
-        ValueError: naming ``what`` (e.g. ``"--out"``), the folder and the reason, when it cannot be created or
-            written (a file in its place, no permission, a read-only or full file system).
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file, not a folder; choose another {what}")
-    probe = path / f".write_probe_{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{what} {path}: cannot create or write this folder ({err.strerror or err}); "
-                         f"choose a writable {what}") from err
-    return path
-
-
 def publish_folder(final: str | Path, write: Callable[[Path], None], *, what: str, intact: str) -> Path:
     """Atomically create folder ``final``: ``write(staging)`` fills a hidden sibling folder, which then replaces
     ``final`` by a rename (an existing ``final`` is removed only after the new one is in place).

@@ -33,11 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_dist.config import StudyConfig
+from sage_dist.files import ensure_writable_folder
 from sage_dist.models.load import frozen_dtype, load_pipeline, resolve_device
 from sage_dist.tracking import NullTracker
 from sage_dist.train.checkpoint import (
     checkpoint_name,
-    ensure_writable_folder,
     load_checkpoint,
     prune_checkpoints,
     publish_entries,

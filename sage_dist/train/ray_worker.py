@@ -50,6 +50,7 @@ from sage_dist.eval.objective import (
     text_proxy_metrics,
     trial_image_grid,
 )
+from sage_dist.files import ensure_writable_folder
 from sage_dist.models.load import (
     frozen_dtype,
     load_text_encoders,
@@ -58,7 +59,6 @@ from sage_dist.models.load import (
 )
 from sage_dist.models.registry import is_sdxl
 from sage_dist.tracking import MlflowTracker, NullTracker
-from sage_dist.train.checkpoint import ensure_writable_folder
 from sage_dist.train.loop import run_erasure, save_outputs
 from sage_dist.train.shared import cache_fields, frozen_pipeline, open_frozen_cache
 from sage_dist.train.validate import validate_inputs

@@ -57,10 +57,10 @@ from torch import Tensor
 
 from sage_dist.config import StudyConfig
 from sage_dist.eval.world import pipeline_hash
+from sage_dist.files import ensure_writable_folder
 from sage_dist.models.load import load_pipeline
 from sage_dist.models.sampler import BankState
 from sage_dist.models.text import Conditioning
-from sage_dist.train.checkpoint import ensure_writable_folder
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Every Ray call of the study drivers that is about the cluster itself lives here 
   the job gets :data:`JOB_ENV` through the job's ``runtime_env`` (the calling process's environment is left
   as it is);
 * :func:`cluster_capacity` reads the CPUs/GPUs the cluster has or its autoscaler can add;
-* :func:`check_writable` finds an output folder that cannot be written before anything starts;
+* :func:`sage_dist.files.ensure_writable_folder` finds an output folder that cannot be written before anything starts;
 * :func:`require_shared_storage` refuses a node-local study folder on a cluster that spans (or may grow to)
   several nodes, whose Train workers must all reach the checkpoints;
 * :func:`trial_concurrency` is how many trials fit at once.
@@ -133,22 +133,6 @@ def filesystem_type(path: str | Path, mounts: str | None = None) -> str:
         if inside and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and write a probe file into it.
-
-    Raises:
-        ValueError: naming ``what`` (e.g. "--storage"), the folder and the OS error.
-    """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{what} {folder}: cannot write there ({type(err).__name__}: {err}); choose a writable "
-                         "folder") from err
 
 
 def require_shared_storage(path: str | Path, multi_node: bool, mounts: str | None = None) -> None:

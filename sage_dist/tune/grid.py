@@ -51,6 +51,7 @@ import torch
 
 from sage_dist.config import StudyConfig
 from sage_dist.eval.objective import (
+    add_concept_rate_heldout,
     run_retain_prompts,
     text_proxy_metrics,
 )
@@ -292,17 +293,6 @@ class TrialEvaluation:
     """KID inputs ``[N, 128]`` float32 (world only): "edited", "original", "reference"."""
 
 
-def _concept_rate_heldout(metrics: dict[str, float]) -> None:
-    """Add ``concept_rate_heldout`` = 1 - ``erasure_rate_heldout`` (with its interval and n): the fraction of the
-    edited model's held-out paraphrase images that still show the concept (no attack is run)."""
-    for key in [k for k in metrics if k.endswith("erasure_rate_heldout")]:
-        renamed = key.replace("erasure_rate_heldout", "concept_rate_heldout")
-        metrics[renamed] = 1.0 - metrics[key]
-        metrics[f"{renamed}_ci95_lo"] = 1.0 - metrics[f"{key}_ci95_hi"]
-        metrics[f"{renamed}_ci95_hi"] = 1.0 - metrics[f"{key}_ci95_lo"]
-        metrics[f"{renamed}_n"] = metrics[f"{key}_n"]
-
-
 def red_team_outcomes(result: dict[str, Any]) -> dict[str, Any]:
     """Per attacked prompt, from a :func:`~sage_dist.eval.red_team.red_team_world` result whose adversarial
     prompts were saved (``out_dir``): ``pre`` [0/1] * P (the un-attacked image already shows the concept),
@@ -347,7 +337,7 @@ def _evaluate(cfg: StudyConfig, original, encoders: dict[int, torch.nn.Module], 
                             seed=cfg.optim.seed, fidelity=fidelity, outcomes=True)
     outcomes, features = result.pop("outcomes"), result.pop("kid_features")
     metrics = flat_metrics(result)
-    _concept_rate_heldout(metrics)
+    add_concept_rate_heldout(metrics)
     outcomes["eval_seed"] = cfg.optim.seed
     if red_team:
         outcomes["red_team"] = {}

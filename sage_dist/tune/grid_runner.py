@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sage_dist.files import ensure_writable_folder
 from sage_dist.tracking import (
     MlflowTracker,
     NullTracker,
@@ -38,7 +39,6 @@ from sage_dist.tracking import (
 )
 from sage_dist.tracking.mlflow_tracker import child_runs
 from sage_dist.tune.cluster import (
-    check_writable,
     cluster_capacity,
     connect_ray,
     require_shared_storage,
@@ -222,7 +222,7 @@ def check_launch(settings: RunSettings) -> TrackingTarget:
     """
     target = resolve_tracking(settings.tracking_uri)
     check_tracking_reachable(target)
-    check_writable(Path(settings.out_dir), "--out")
+    ensure_writable_folder(Path(settings.out_dir), "--out")
     return target
 
 

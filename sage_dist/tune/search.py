@@ -59,6 +59,7 @@ from sage_dist.eval.objective import (
     base_model_hash,
     parse_objectives,
 )
+from sage_dist.files import ensure_writable_folder
 from sage_dist.models.registry import is_world
 from sage_dist.presets import WORLD_EVAL_FULL
 from sage_dist.tracking import (
@@ -78,7 +79,6 @@ from sage_dist.tracking.mlflow_tracker import (
 )
 from sage_dist.train.validate import validate_inputs
 from sage_dist.tune.cluster import (
-    check_writable,
     cluster_capacity,
     connect_ray,
     require_shared_storage,
@@ -276,7 +276,7 @@ def plan_search(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOption
                         objectives.single_metric)
     target = resolve_tracking(cfg.tracking.tracking_uri)
     check_tracking_reachable(target)
-    check_writable(storage_root(opts), "study storage (--storage / $SAGE_DIST_STORAGE)")
+    ensure_writable_folder(storage_root(opts), "study storage (--storage / $SAGE_DIST_STORAGE)")
     study_dir, resuming = locate_study(opts, cfg)
     saved = study_dir / STUDY_FILE
     if resuming and saved.is_file():

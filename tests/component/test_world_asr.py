@@ -1,7 +1,6 @@
 """The world red team: pre-ASR on the original, a no-op attack reproduces the pre-attack image bit for bit,
 saved adversarial prompts reload to the same image, the Ring-A-Bell direction never sees an evaluation prompt."""
 
-import copy
 import dataclasses
 import json
 
@@ -18,6 +17,7 @@ from sage_dist.eval.red_team import (
 from sage_dist.eval.world_asr import world_asr
 from sage_dist.models.load import load_pipeline
 from sage_dist.presets import WORLD_EVAL_FULL
+from tests.component.world_helpers import scrambled_text_encoder
 
 STEPS = 6
 SMALL = dataclasses.replace(WORLD_EVAL_FULL, name="test", red_team_prompts=6, prefix_timesteps=1,
@@ -37,11 +37,7 @@ def image_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def scrambled(pipe):
     """An encoder that no longer draws triangles (its token embeddings permuted): every prompt is attacked."""
-    encoder = copy.deepcopy(pipe.text_encoder)
-    with torch.no_grad():
-        weight = encoder.get_input_embeddings().weight
-        weight.copy_(weight[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))])
-    return encoder
+    return scrambled_text_encoder(pipe)
 
 
 def test_original_world_model_has_high_pre_asr_and_attack_runs(pipe):

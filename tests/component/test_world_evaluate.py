@@ -15,6 +15,7 @@ from sage_dist.eval import world as ev
 from sage_dist.eval.world import compare_world, evaluate_world
 from sage_dist.models.load import load_pipeline
 from sage_dist.presets import WORLD_EVAL_QUICK
+from tests.component.world_helpers import scrambled_text_encoder
 
 STEPS = 6
 
@@ -33,14 +34,6 @@ def image_cache(tmp_path_factory, monkeypatch):
 def _contains_zero(result, key):
     low, high = result[f"{key}_ci95"]
     return low <= 0.0 <= high
-
-
-def _scrambled(pipe):
-    scrambled = copy.deepcopy(pipe.text_encoder)
-    with torch.no_grad():
-        weight = scrambled.get_input_embeddings().weight
-        weight.copy_(weight[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))])
-    return scrambled
 
 
 def test_null_test_original_against_itself_on_other_seeds(pipe):
@@ -73,7 +66,7 @@ def test_degraded_encoder_retention_below_the_originals_interval(pipe):
 
 
 def test_scrambled_encoder_erases_the_concept(pipe):
-    res = evaluate_world(pipe, _scrambled(pipe), concept="triangle", quick=True, num_inference_steps=STEPS)
+    res = evaluate_world(pipe, scrambled_text_encoder(pipe), concept="triangle", quick=True, num_inference_steps=STEPS)
     assert res["RER_domain"] > 0.5 and res["RER_domain_ci95"][0] > 0.3
     assert res["retention_acc"] < res["retention_acc_original"]
     assert set(res["neighbours"]) == {"circle", "square", "diamond", "cross", "star"}
@@ -100,7 +93,7 @@ def test_several_concepts_and_a_unet_edit(pipe):
 
 
 def test_paired_comparison_on_identical_noise(pipe):
-    scrambled = _scrambled(pipe)
+    scrambled = scrambled_text_encoder(pipe)
     cmp = compare_world(pipe, scrambled, None, concept="triangle", fidelity="quick", num_inference_steps=STEPS)
     assert cmp["delta_RER_domain"] == pytest.approx(cmp["a"]["RER_domain"] - cmp["b"]["RER_domain"])
     assert cmp["delta_RER_domain_ci95"][0] > 0.3 and cmp["delta_retention_acc_ci95"][1] < 0
@@ -121,7 +114,7 @@ def test_original_images_are_cached_on_disk(pipe, tmp_path, monkeypatch):
     assert torch.equal(ev.original_images(pipe, prompts, seeds, guidance=3.0, num_inference_steps=2), first)
     assert not calls  # served from disk
     other = copy.copy(pipe)
-    other.text_encoder = _scrambled(pipe)
+    other.text_encoder = scrambled_text_encoder(pipe)
     assert ev.pipeline_hash(other) != ev.pipeline_hash(pipe)  # another model never reads these images
 
 

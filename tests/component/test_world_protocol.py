@@ -14,6 +14,7 @@ from sage_dist.eval.world_protocol import (
     run_world_protocol,
 )
 from sage_dist.models.load import load_pipeline
+from tests.component.world_helpers import scrambled_text_encoder
 
 STEPS = 6
 
@@ -45,10 +46,7 @@ def esd_x_output(pipe, tmp_path_factory):
 @pytest.fixture(scope="module")
 def scrambled_output(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("scrambled")
-    encoder = copy.deepcopy(pipe.text_encoder)
-    with torch.no_grad():
-        weight = encoder.get_input_embeddings().weight
-        weight.copy_(weight[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))])
+    encoder = scrambled_text_encoder(pipe)
     encoder.save_pretrained(out / "text_encoder")
     return out
 

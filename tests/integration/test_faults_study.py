@@ -32,18 +32,6 @@ NUM_STEPS = 6
 steps 0..5."""
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from sage_dist.tune.cluster import JOB_ENV
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": JOB_ENV})
-    yield
-    ray.shutdown()
-
-
 def _config(uri: str):
     return tiny_study.config(uri).replace_flat({"optim.num_steps": NUM_STEPS})
 

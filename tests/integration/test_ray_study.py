@@ -35,18 +35,6 @@ def mlflow_server(tmp_path_factory):
         tiny_study.stop_group(proc)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                                       "RAY_TRAIN_METRICS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def _api(url: str, path: str, **payload):
     response = requests.post(f"{url}/api/2.0/mlflow/{path}", json=payload, timeout=30)
     response.raise_for_status()

@@ -22,18 +22,6 @@ sys.path.insert(0, str(HERE))
 import tiny_study  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from sage_dist.tune.cluster import JOB_ENV
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": JOB_ENV})
-    yield
-    ray.shutdown()
-
-
 def test_second_trial_reads_the_first_ones_frozen_work_and_equals_a_run_without_it(tmp_path, local_ray):
     from safetensors.torch import load_file
 

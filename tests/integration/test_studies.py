@@ -237,7 +237,7 @@ TINY_MODELS = {"multi_concept": "tiny-sd", "dual_encoder": "tiny-sdxl", "templat
 @pytest.mark.parametrize("name", STUDY_FILES)
 def test_smoke_trials_on_tiny_models(name):
     """Every smoke variant of each study on a random tiny model (every procedure; text-space proxy metrics)."""
-    from sage_dist.tune.grid import execute_trial, json_record, smoke_version
+    from sage_dist.tune.grid import execute_trial, smoke_version
 
     study = smoke_version(load_study_module(name).study(TINY_MODELS[name]))
     for variant in study.variants:
@@ -255,7 +255,7 @@ def test_smoke_trials_on_tiny_models(name):
 
 
 def _world_smoke_trial(name: str, variant_name: str) -> dict:
-    from sage_dist.tune.grid import execute_trial, smoke_version
+    from sage_dist.tune.grid import execute_trial, json_record, smoke_version
 
     study = smoke_version(load_study_module(name).study())
     record = execute_trial(study, next(v for v in study.variants if v.name == variant_name), 0)

@@ -10,9 +10,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "sage_dist"
-LAYERS = ("config", "tracking", "losses", "models", "presets", "prompts", "world", "retention", "attack", "eval",
+LAYERS = ("files", "config", "tracking", "losses", "models", "presets", "prompts", "world", "retention", "attack", "eval",
           "train", "tune", "cli")
-"""Lowest first: ``config`` imports nothing of sage_dist, ``cli`` may import everything."""
+"""Lowest first: ``files`` and ``config`` import nothing of sage_dist, ``cli`` may import everything."""
 
 
 def unit_of(module: str) -> str:

@@ -129,7 +129,7 @@ def test_unwritable_study_storage_is_found_before_ray(tmp_path, nothing_starts, 
                  ["--storage", str(blocker / "studies"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                  name="tune_gamma")
     err = capsys.readouterr().err
-    assert "study storage" in err and "cannot write there" in err
+    assert "study storage" in err and "cannot create or write this folder" in err
 
 
 # ---- grid studies ---------------------------------------------------------------------------------------
@@ -149,8 +149,8 @@ def test_explicit_grid_settings_win_over_the_smoke_test():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--out", "{blocker}/out"], "--out .*cannot write there"),
-    (["--report", "{blocker}/r/report.md"], "--report folder .*cannot write there"),
+    (["--out", "{blocker}/out"], "--out .*cannot create or write this folder"),
+    (["--report", "{blocker}/r/report.md"], "--report folder .*cannot create or write this folder"),
     (["--optim.bogus=1"], "unknown field"),
     (["--tracking-uri", "sqlite:///relative.db"], "absolute SQLite path"),
 ])
