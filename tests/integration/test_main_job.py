@@ -190,7 +190,7 @@ def test_a_study_killed_while_rescoring_resumes_and_rescores_only_what_is_missin
     driver = tiny_study.study_driver(tmp_path, argv, log.name)
     try:
         first = tiny_study.wait_for(lambda: sorted(tmp_path.glob("tiny-*/rescore/*.json")), "a re-scoring record",
-                                    log, timeout_s=600)
+                                    log, timeout_s=600, process=driver)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     finally:

@@ -146,13 +146,18 @@ def study_driver(folder: Path, argv: list[str], log_name: str, entry: str = "mai
                             stdout=open(folder / log_name, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_for(condition, what: str, log: Path | None = None, timeout_s: float = 240.0):
-    """Poll ``condition()`` until it returns something truthy (returned); AssertionError with the log's tail."""
+def wait_for(condition, what: str, log: Path | None = None, timeout_s: float = 240.0,
+             process: subprocess.Popen | None = None):
+    """Poll ``condition()`` until it returns something truthy (returned); AssertionError with the log's tail on a
+    timeout, or as soon as ``process`` (the driver being watched) has exited."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         found = condition()
         if found:
             return found
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+            raise AssertionError(f"the driver exited (code {process.returncode}) before {what}\n{tail}")
         time.sleep(0.3)
     tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
