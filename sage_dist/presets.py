@@ -134,6 +134,12 @@ quick fidelity's 50 concept-domain and 64 held-out retain images plus the Unlear
 held-out-paraphrase prompts (robust_erasure's Wilson half-width <= 0.22; ~15-25 s on 2 cores). A study's front is
 re-scored at :data:`WORLD_EVAL_FULL`."""
 
+NUDITY_SEARCH_PROMPTS = 64
+"""I2P "sexual" prompts a search trial's nudity evaluation scores on a real SD pipeline (one image each; a
+Wilson half-width of at most 0.12); the re-scoring of a study's front scores :data:`NUDITY_FULL_PROMPTS`."""
+NUDITY_FULL_PROMPTS: int | None = None
+"""I2P "sexual" prompts of the re-scoring of a study's front on a real SD pipeline; None: all 931."""
+
 WORLD_EVAL_FIDELITIES: dict[str, WorldEvalFidelity] = {"full": WORLD_EVAL_FULL, "quick": WORLD_EVAL_QUICK}
 """Fidelities of the world evaluation by name."""
 

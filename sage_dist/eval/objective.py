@@ -38,6 +38,15 @@ Two evaluators:
   A trial is scored at :data:`sage_dist.presets.WORLD_SEARCH_EVAL` (the quick fidelity with a 16-prompt
   prefix red team), the re-scoring of a study's front at :data:`sage_dist.presets.WORLD_EVAL_FULL`.
 
+* **Nudity on real SD pipelines** (``erase.erase_concept = ("nudity",)`` on any non-world model): the nudity
+  protocol of :func:`sage_dist.eval.protocol.run_evaluation` (NudeNet, UnlearnDiffAtk's exposed-class rule) on
+  I2P's "sexual" prompts, the original and the edited model on identical seeds, sampled with the run's
+  ``erase.ddim_steps``. ``erasure_rate_i2p`` = the fraction of the edited model's images NudeNet finds no exposed
+  class in (Wilson interval over prompts), beside ``concept_rate_original_i2p`` (the same rate of the
+  original). A trial is scored on the first :data:`sage_dist.presets.NUDITY_SEARCH_PROMPTS` prompts, the
+  re-scoring on the whole set. The original model's images are generated once per machine: they live in an
+  image store keyed by everything that produced them (``$SAGE_DIST_CACHE/eval_images``).
+
 :class:`Objectives` names the two metrics a study optimises (an erasure and a retention metric, each with the
 direction of :data:`OBJECTIVE_METRICS`) and the one ``--mode single`` maximises; :func:`parse_objectives`
 reads ``--objectives erasure=robust_erasure,retention=retention_loss`` and refuses a metric the study's trials
@@ -46,8 +55,11 @@ do not report before anything starts.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,7 +83,7 @@ from sage_dist.models.load import (
     resolve_device,
 )
 from sage_dist.models.registry import is_sdxl, is_world, sampling_defaults
-from sage_dist.presets import WORLD_EVAL_FULL, WORLD_SEARCH_EVAL, WorldEvalFidelity
+from sage_dist.presets import NUDITY_FULL_PROMPTS, NUDITY_SEARCH_PROMPTS, WORLD_EVAL_FULL, WORLD_SEARCH_EVAL, WorldEvalFidelity
 from sage_dist.retention.prompts import resolve_retain_prompts
 from sage_dist.world.concepts import phrases as world_phrases
 
@@ -98,10 +110,13 @@ OBJECTIVE_METRICS: dict[str, Mode] = {
     "retention_acc": "max", "retention_acc_all": "max", "retention_drop": "min", "alignment": "max",
     "KID": "min", "KID_delta": "min",
     "text_erasure": "max", "text_retention_drift": "min", "text_score": "max",
+    "erasure_rate_i2p": "max",
 }
 """Every metric a study may optimise, with its direction ("max": higher is better)."""
 TEXT_METRICS = ("text_erasure", "text_retention_drift", "text_score")
 """Reported by every trial that trains a text encoder (not ESD-x)."""
+NUDITY_METRICS = ("erasure_rate_i2p",)
+"""Reported by a nudity erasure on a real SD pipeline (:func:`nudity_metrics`)."""
 RED_TEAM_METRICS = ("robust_erasure", "robust_score", "ASR_prefix", "ASR", "pre_ASR")
 """Reported on the bundled world's SD pipeline ("world"; the red team attacks one text encoder, not SDXL)."""
 CHECKPOINT_METRICS = TEXT_METRICS
@@ -113,14 +128,24 @@ SINGLE_SCORES: dict[tuple[str, str], str] = {("robust_erasure", "retention_loss"
 same units (rates, or 1 - cosine)."""
 
 
-def produced_metrics(model_id: str, method: str = "sage") -> list[str]:
-    """The metrics of :data:`OBJECTIVE_METRICS` a trial of ``method`` on ``model_id`` reports (a study can
-    optimise only these): the text proxy for text-encoder edits, the world's image-space metrics on the
-    bundled world, its red team on the world's SD pipeline."""
+def uses_nudity_protocol(model_id: str, concepts: tuple[str, ...]) -> bool:
+    """Whether a trial erasing ``concepts`` from ``model_id`` is scored by the nudity protocol (a real SD
+    pipeline, not the bundled world, erasing "nudity" alone)."""
+    return not is_world(model_id) and tuple(concepts) == ("nudity",)
+
+
+def produced_metrics(model_id: str, method: str = "sage", concepts: tuple[str, ...] = ()) -> list[str]:
+    """The metrics of :data:`OBJECTIVE_METRICS` a trial of ``method`` erasing ``concepts`` from ``model_id``
+    reports (a study can optimise only these): the text proxy for text-encoder edits, the world's image-space
+    metrics on the bundled world, its red team on the world's SD pipeline, the nudity protocol's erasure rate
+    for a nudity erasure of a real SD pipeline."""
     out = [] if method == "esd-x" else list(TEXT_METRICS)
     if is_world(model_id):
-        out += [m for m in OBJECTIVE_METRICS if m not in TEXT_METRICS and m not in RED_TEAM_METRICS]
+        out += [m for m in OBJECTIVE_METRICS if m not in TEXT_METRICS and m not in RED_TEAM_METRICS
+                and m not in NUDITY_METRICS]
         out += [] if model_id == "world-xl" else list(RED_TEAM_METRICS)
+    elif uses_nudity_protocol(model_id, concepts) and method != "esd-x":
+        out += list(NUDITY_METRICS)
     return out
 
 
@@ -160,14 +185,15 @@ class Objectives:
         return ", ".join(f"{m} ({d})" for m, d in zip(self.metrics, self.modes))
 
 
-def default_objectives(model_id: str, method: str = "sage") -> Objectives:
+def default_objectives(model_id: str, method: str = "sage", concepts: tuple[str, ...] = ()) -> Objectives:
     """robust_erasure vs retention_loss on the bundled world ("world"); RER_domain vs retention_loss on its
-    SDXL twin (no red team for two encoders); the text proxy elsewhere.
+    SDXL twin (no red team for two encoders); erasure_rate_i2p vs text_retention_drift for nudity on a real SD
+    pipeline; the text proxy elsewhere.
 
     Raises:
         ValueError: a trial of ``method`` on ``model_id`` reports no objective metric (ESD-x off the world).
     """
-    produced = produced_metrics(model_id, method)
+    produced = produced_metrics(model_id, method, concepts)
     if not produced:
         raise ValueError(f"erase.method={method} trains the UNet, and on {model_id!r} a trial reports only text-space "
                          "proxies of a trained text encoder: search esd-x on the bundled world (image-space "
@@ -176,10 +202,12 @@ def default_objectives(model_id: str, method: str = "sage") -> Objectives:
         return Objectives(erasure_metric="robust_erasure", retention_metric="retention_loss")
     if "retention_loss" in produced:
         return Objectives(erasure_metric="RER_domain", retention_metric="retention_loss")
+    if "erasure_rate_i2p" in produced:
+        return Objectives(erasure_metric="erasure_rate_i2p", retention_metric="text_retention_drift")
     return Objectives(erasure_metric="text_erasure", retention_metric="text_retention_drift")
 
 
-def parse_objectives(spec: str, model_id: str, method: str = "sage") -> Objectives:
+def parse_objectives(spec: str, model_id: str, method: str = "sage", concepts: tuple[str, ...] = ()) -> Objectives:
     """``--objectives``: ``erasure=<metric>,retention=<metric>`` (either order); "" gives
     :func:`default_objectives`. Directions come from :data:`OBJECTIVE_METRICS`.
 
@@ -189,7 +217,7 @@ def parse_objectives(spec: str, model_id: str, method: str = "sage") -> Objectiv
             message lists those it does).
     """
     if not spec.strip():
-        return default_objectives(model_id, method)
+        return default_objectives(model_id, method, concepts)
     roles: dict[str, str] = {}
     for part in spec.split(","):
         role, sep, metric = part.partition("=")
@@ -206,7 +234,7 @@ def parse_objectives(spec: str, model_id: str, method: str = "sage") -> Objectiv
     if missing:
         raise ValueError(f"--objectives {spec!r}: {' and '.join(missing)} missing; give both, e.g. "
                          "erasure=robust_erasure,retention=retention_loss")
-    produced = produced_metrics(model_id, method)
+    produced = produced_metrics(model_id, method, concepts)
     for role, metric in roles.items():
         if metric not in OBJECTIVE_METRICS:
             raise ValueError(f"--objectives {role}={metric}: not a metric a study can optimise; choose one of "
@@ -310,9 +338,59 @@ def evaluate_trial(cfg: StudyConfig, result, *, pipe, retain_prompts: list[str],
                                           retain_prompts, fidelity=fidelity))
     if is_world(cfg.model.model_id):
         metrics.update(world_metrics(cfg, result, pipe, quick=world_quick))
+    elif uses_nudity_protocol(cfg.model.model_id, cfg.erase.erase_concept) and 0 in result.text_encoders:
+        metrics.update(nudity_metrics(cfg, result.text_encoders[0], quick=world_quick))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"trial metrics are not finite: {bad}")
+    return metrics
+
+
+def nudity_image_store() -> Path:
+    """``$SAGE_DIST_CACHE/eval_images`` (default ``~/.cache/sage_dist/eval_images``): the keyed image store of
+    the trials' nudity evaluations, so the original model's images are generated once per machine."""
+    return Path(os.environ.get("SAGE_DIST_CACHE", Path.home() / ".cache" / "sage_dist")) / "eval_images"
+
+
+def nudity_metrics(cfg: StudyConfig, text_encoder: torch.nn.Module, *, quick: bool = True) -> dict[str, float]:
+    """The nudity protocol of an erased text encoder of ``cfg.model.model_id`` (module docstring).
+
+    Args:
+        cfg: the trial's configuration (model, device, ``erase.ddim_steps`` as the sampling steps).
+        text_encoder: the trained first text encoder (CLIPTextModel), any dtype.
+        quick: the first :data:`~sage_dist.presets.NUDITY_SEARCH_PROMPTS` prompts of I2P's "sexual" set (a
+            search trial); False: :data:`~sage_dist.presets.NUDITY_FULL_PROMPTS` (all of them; the re-scoring of
+            a study's front).
+    Returns:
+        ``erasure_rate_i2p`` and ``concept_rate_original_i2p`` (rates in [0, 1]), each with ``_ci95_lo`` /
+        ``_ci95_hi`` (Wilson) and ``_n`` (prompts, one image each).
+    Raises:
+        ValueError: the judge (NudeNet) cannot be loaded, so no rate could be measured.
+    """
+    from sage_dist.eval.protocol import EvalConfig, run_evaluation
+
+    device = "cuda" if cfg.scaling.use_gpu else cfg.model.device
+    with tempfile.TemporaryDirectory(prefix="sage_nudity_eval_") as tmp:
+        saved = text_encoder if text_encoder.dtype == torch.float32 else copy.deepcopy(text_encoder).to(torch.float32)
+        saved.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+        # the scored set only: no separate attack set, no fixed sets (a trial's budget goes to the one rate)
+        result = run_evaluation(EvalConfig(
+            model=cfg.model.model_id, text_encoder=tmp, protocol="nudity", out=str(Path(tmp) / "eval"),
+            image_store=str(nudity_image_store()), limit=NUDITY_SEARCH_PROMPTS if quick else NUDITY_FULL_PROMPTS,
+            attack_prompts="i2p_sexual", fixed_prompts=(), steps=cfg.erase.ddim_steps, device=device, fid=False, grid_size=0, progress=False))
+    erasure = result.get("erasure")
+    if erasure is None or "concept_rate_erased" not in erasure:
+        raise ValueError(f"nudity evaluation of the trial measured no rate: {result['skipped'].get('judge', '?')}; "
+                         "install NudeNet (requirements) or choose --objectives with the text proxy")
+    metrics: dict[str, float] = {}
+    rate, (low, high), n = (erasure["concept_rate_erased"], erasure["concept_rate_erased_ci95"],
+                            erasure["concept_rate_erased_n"])
+    _put(metrics, "erasure_rate_i2p", (1.0 - rate, (1.0 - high, 1.0 - low), n))
+    _put(metrics, "concept_rate_original_i2p", (erasure["concept_rate_original"],
+                                                tuple(erasure["concept_rate_original_ci95"]),
+                                                erasure["concept_rate_original_n"]))
+    log.info("trial nudity metrics (%s, %d I2P prompts): erasure_rate_i2p %.3f [%.3f, %.3f]",
+             "quick" if quick else "full", n, 1.0 - rate, 1.0 - high, 1.0 - low)
     return metrics
 
 
@@ -422,12 +500,15 @@ def evaluate_saved_edit(cfg: StudyConfig, edit_dir: str | Path, *, red_team_dir:
                                           run_retain_prompts(cfg), fidelity="full"))
     if is_world(cfg.model.model_id):
         metrics.update(world_metrics(cfg, edit, pipe, quick=False, red_team_dir=red_team_dir))
+    elif uses_nudity_protocol(cfg.model.model_id, cfg.erase.erase_concept) and 0 in edit.text_encoders:
+        metrics.update(nudity_metrics(cfg, edit.text_encoders[0], quick=False))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"re-scored metrics of {edit_dir} are not finite: {bad}")
     lineage = {"base_model_hash": pipeline_hash(pipe),
                "edit_hash": pipeline_hash(edited_pipeline(pipe, edit.text_encoders or None, unet=edit.unet)),
-               "fidelity": WORLD_EVAL_FULL.name if is_world(cfg.model.model_id) else "text"}
+               "fidelity": WORLD_EVAL_FULL.name if is_world(cfg.model.model_id)
+               else "nudity" if uses_nudity_protocol(cfg.model.model_id, cfg.erase.erase_concept) else "text"}
     return metrics, lineage
 
 

@@ -258,7 +258,8 @@ def plan_search(cfg: StudyConfig, search_space: SearchSpaceFn, opts: StudyOption
             storage folder or ``--resume`` target, each naming the field or option and the fix.
         ConnectionError: the MLflow server does not answer.
     """
-    objectives = objectives or parse_objectives(opts.objectives, cfg.model.model_id, cfg.erase.method)
+    objectives = objectives or parse_objectives(opts.objectives, cfg.model.model_id, cfg.erase.method,
+                                                 tuple(cfg.erase.erase_concept))
     dists = validate_search_space(search_space, cfg)
     validate_inputs(cfg)
     if opts.mode == "single":
