@@ -156,8 +156,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     run = WorkerRun(**config["run"])
     retain_prompts = validate_inputs(cfg)
     ctx = _train_context()
-    if ctx is None:
-        return run_worker(cfg, run, retain_prompts=retain_prompts, t_start=_process_start_time())
+    if ctx is None:  # checkpoints (and the text proxy logged at each) as under Ray, into a folder of its own
+        with tempfile.TemporaryDirectory(prefix="sage_ckpt_") as ckpt_root:
+            return run_worker(cfg, run, checkpoint_dir=ckpt_root, keep_checkpoints=1, retain_prompts=retain_prompts,
+                              t_start=_process_start_time())
     import ray.train
     import ray.train.torch
 
