@@ -174,6 +174,31 @@ def test_world_objectives_come_from_the_paired_comparison_and_the_prefix_attack(
 
 
 # ---- a study killed while re-scoring (Ray, MLflow) --------------------------------------------------------------
+def _kill_processes_in(folder: Path, timeout_s: float = 30.0) -> None:
+    """SIGKILL every process whose working directory is ``folder`` (the killed driver's Ray processes run where it
+    ran) and wait until none is left."""
+    import psutil
+
+    def alive() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if Path(proc.cwd()) == folder:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                pass
+        return found
+
+    deadline = time.time() + timeout_s
+    while (procs := alive()) and time.time() < deadline:
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.5)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_study_killed_while_rescoring_resumes_and_rescores_only_what_is_missing(tmp_path):
@@ -195,6 +220,7 @@ def test_a_study_killed_while_rescoring_resumes_and_rescores_only_what_is_missin
         driver.wait(timeout=60)
     finally:
         tiny_study.stop_group(driver)
+    _kill_processes_in(tmp_path)  # Ray workers of the killed driver that outlived it could still write a record
     kept = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in tmp_path.glob("tiny-*/rescore/*.json")}
     assert first and len(kept) >= 1
 
