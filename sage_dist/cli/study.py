@@ -172,7 +172,8 @@ def main(config: Callable[[], StudyConfig], search_space: SearchSpaceFn, argv: l
         print(f"front's erased encoders: MLflow registered model {outcome.registered_model}")
     if outcome.tracking_error:
         print(f"MLflow: the results could not be logged ({outcome.tracking_error}); they are in the study folder")
-    print(ui_instructions(resolve_tracking(cfg.tracking.tracking_uri), cfg.tracking.experiment_name))
+    print(ui_instructions(resolve_tracking(cfg.tracking.tracking_uri), cfg.tracking.experiment_name,
+                          outcome.experiment_id, outcome.parent_run_id))
     if outcome.interrupted:
         _print_interrupted(argv, outcome.study_dir.name, "stopped before all trials ended")
         raise SystemExit(INTERRUPTED_EXIT)

@@ -130,12 +130,26 @@ def check_tracking_reachable(target: TrackingTarget, *, timeout_s: float = 5.0, 
                               "is it an MLflow tracking server?")
 
 
-def ui_instructions(target: TrackingTarget, experiment_name: str) -> str:
-    """The command(s) that open the MLflow UI on ``target`` (printed by the studies)."""
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+"""The query that opens an MLflow 3 UI page in its model-training view: the UI's GenAI / model-training switch is a
+per-browser setting (the experiment's ``mlflow.experimentKind`` tag is read only where the switch is off)."""
+
+
+def ui_link(base_url: str, experiment_id: str, run_id: str = "") -> str:
+    """The UI address of an experiment (or one of its runs) in the model-training view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base_url.rstrip('/')}/{page}?{MODEL_TRAINING_VIEW}"
+
+
+def ui_instructions(target: TrackingTarget, experiment_name: str, experiment_id: str = "", run_id: str = "") -> str:
+    """The command(s) that open the MLflow UI on ``target`` (printed by the studies); with ``experiment_id`` (and
+    ``run_id``) the address of that page in the model-training view."""
+    base = "http://127.0.0.1:5000" if target.is_local else target.tracking_uri
+    where = ui_link(base, experiment_id, run_id) if experiment_id else f"{base} (experiment {experiment_name!r})"
     if target.is_local:
         return (f"MLflow UI: mlflow ui --backend-store-uri {target.tracking_uri} --host 127.0.0.1 --port 5000\n"
-                f"           then open http://127.0.0.1:5000 (experiment {experiment_name!r})")
-    return f"MLflow UI: open {target.tracking_uri} (experiment {experiment_name!r})"
+                f"           then open {where}")
+    return f"MLflow UI: open {where}"
 
 
 def git_sha(repo: str | Path | None = None) -> str:

@@ -211,6 +211,8 @@ class StudyOutcome:
     """Seconds of the re-scoring stage (0 when nothing was re-scored)."""
     registered_model: str = ""
     """Name of the registered model holding the front's erased encoders ("" when none was registered)."""
+    experiment_id: str = ""
+    """The MLflow experiment of the parent run."""
 
 
 # ---- before Ray ----------------------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def _run(plan: SearchPlan, search_space: SearchSpaceFn, t0: float, *, where: str
                            "study.objectives": ",".join(f"{m}:{d}" for m, d in zip(objectives.metrics,
                                                                                      objectives.modes)),
                            "study.rescore_budget": opts.rescore_budget, "study.search_space": space})
-        log.info("%s", ui_instructions(target, cfg.tracking.experiment_name))
+        log.info("%s", ui_instructions(target, cfg.tracking.experiment_name, experiment_id, parent.run_id))
         parent.set_tags({"ray": where, "max_concurrent_trials": concurrency})
         log.info("Ray: %s; %d trial(s) at once", where, concurrency)
 
@@ -406,7 +408,7 @@ def _run(plan: SearchPlan, search_space: SearchSpaceFn, t0: float, *, where: str
     outcome = StudyOutcome(study_dir=study_dir, rows=rows, table=table, parent_run_id=parent.run_id,
                            tracking_uri=target.tracking_uri, wall_time_s=wall, objectives=objectives,
                            interrupted=interrupted, tracking_error=tracking_error, front_table=front_table,
-                           rescore_wall_time_s=rescore_s, registered_model=registered)
+                           rescore_wall_time_s=rescore_s, registered_model=registered, experiment_id=experiment_id)
     if interrupted:
         ended = sum(r.status in ("ok", "failed") for r in rows)
         reason = f"interrupted with {ended} of {expected} trials finished or failed"

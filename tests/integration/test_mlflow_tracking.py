@@ -144,3 +144,14 @@ def test_front_versions_are_registered_once_each(tmp_path):
     (version,) = model_versions(target.tracking_uri, "sage_dist-s")
     assert version.run_id == run.run_id and version.tags["base_model_hash"] == "abc"
     assert version.source == f"runs:/{run.run_id}/erased_encoder"
+
+
+def test_ui_links_open_the_model_training_view():
+    """MLflow 3's UI opens an experiment in its GenAI view unless the address asks for the model-training one."""
+    from sage_dist.tracking.mlflow_tracker import ui_instructions, ui_link
+
+    assert ui_link("http://h:5000/", "3", "abc") == "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    local = ui_instructions(resolve_tracking("sqlite:////tmp/x/mlflow.db"), "sage_dist", "1", "r")
+    assert "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db" in local
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/r?workflowType=machine_learning" in local
+    assert "(experiment 'sage_dist')" in ui_instructions(resolve_tracking("sqlite:////tmp/x/mlflow.db"), "sage_dist")
