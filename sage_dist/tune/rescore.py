@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from sage_dist.config import StudyConfig
-from sage_dist.eval.objective import evaluate_saved_edit
+from sage_dist.eval.objective import evaluate_saved_edit, uses_nudity_protocol
 from sage_dist.models.registry import is_world
-from sage_dist.presets import WORLD_EVAL_FULL
+from sage_dist.presets import NUDITY_FULL_PROMPTS, WORLD_EVAL_FULL
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,12 @@ def edit_hash(edit_dir: str | Path) -> str:
 def rescore_key(job: RescoreJob) -> dict[str, Any]:
     """What a record must match to be reused: the full fidelity's settings, the trial's config, the edit's hash."""
     cfg = StudyConfig.from_flat_dict(job.config)
-    fidelity = dataclasses.asdict(WORLD_EVAL_FULL) if is_world(cfg.model.model_id) else {"name": "text", "retain": "all"}
+    if is_world(cfg.model.model_id):
+        fidelity = dataclasses.asdict(WORLD_EVAL_FULL)
+    elif uses_nudity_protocol(cfg.model.model_id, cfg.erase.erase_concept):
+        fidelity = {"name": "nudity", "prompts": NUDITY_FULL_PROMPTS, "steps": cfg.erase.ddim_steps, "retain": "all"}
+    else:
+        fidelity = {"name": "text", "retain": "all"}
     config_hash = hashlib.sha256(json.dumps(job.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"fidelity": fidelity, "config": config_hash, "edit": edit_hash(job.edit_dir)}
 
