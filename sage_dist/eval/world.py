@@ -214,10 +214,29 @@ def domain_prompt_sets(concept: str, per_phrase: int) -> dict[str, list[str]]:
     return {name: [p.prompt for p in items] for name, items in domain_image_sets(concept, per_phrase).items()}
 
 
+RETAIN_SUBSAMPLE_SEED = 0
+"""Seed of the random subsample a smaller fidelity draws from the full retain plan."""
+
+
+def _retain_prompt(combo: tuple[str, str, str], i: int, j: int) -> WorldPrompt:
+    """Plan image i: combination ``combo`` in context j (caption template ``(j // 2) % T``, background by parity)."""
+    shape, colour, texture = combo
+    template = world_scene.TRAIN_TEMPLATES[(j // 2) % len(world_scene.TRAIN_TEMPLATES)]
+    background = world_scene.BACKGROUNDS[(i + j) % 2]
+    text = _with_background(template.format(shape=shape, colour=colour, texture=texture), background, j)
+    return WorldPrompt(prompt=text, labels={"shape": shape, "colour": colour, "texture": texture},
+                       background=background)
+
+
 def retain_eval_set(exclude: str | tuple[str, ...], num_images: int) -> list[WorldPrompt]:
-    """``num_images`` prompts of the held-out retain split naming none of ``exclude``: image i shows evaluation
-    combination ``i % C`` (C combinations) in context ``i // C`` (template and background; see
-    :func:`retain_eval_contexts`).
+    """``num_images`` prompts of the held-out retain split naming none of ``exclude``.
+
+    The full plan (:data:`~sage_dist.presets.WORLD_EVAL_FULL`'s ``retain_images``, or ``num_images`` if larger)
+    shows evaluation combination ``i % C`` (C combinations) in context ``i // C`` (caption template and
+    background). A smaller set keeps the combination cycle (image i shows combination ``i % C``, so every
+    combination and neighbour is as well represented as in the full plan) and draws each combination's contexts
+    as a seeded random sample of its contexts in the full plan: a subset of the full set that spans all of its
+    templates and backgrounds (a prefix of the plan would hold only the first template).
 
     Raises:
         ValueError: unknown concept, no evaluation combination left, or ``num_images < 1``.
@@ -225,15 +244,16 @@ def retain_eval_set(exclude: str | tuple[str, ...], num_images: int) -> list[Wor
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: the retain split needs at least 1 image")
     combos = retain_eval_combos(exclude)
+    total = max(num_images, WORLD_EVAL_FULL.retain_images)
+    if num_images == total:
+        return [_retain_prompt(combos[i % len(combos)], i, i // len(combos)) for i in range(total)]
+    rng = np.random.default_rng(RETAIN_SUBSAMPLE_SEED)
+    contexts = [rng.permutation(len(range(c, total, len(combos)))) for c in range(len(combos))]
     out = []
     for i in range(num_images):
-        shape, colour, texture = combos[i % len(combos)]
-        j = i // len(combos)
-        template = world_scene.TRAIN_TEMPLATES[(j // 2) % len(world_scene.TRAIN_TEMPLATES)]
-        background = world_scene.BACKGROUNDS[(i + j) % 2]
-        text = _with_background(template.format(shape=shape, colour=colour, texture=texture), background, j)
-        out.append(WorldPrompt(prompt=text, labels={"shape": shape, "colour": colour, "texture": texture},
-                               background=background))
+        c = i % len(combos)
+        j = int(contexts[c][i // len(combos)])  # the combination's j-th context of the full plan
+        out.append(_retain_prompt(combos[c], c + j * len(combos), j))
     return out
 
 

@@ -47,8 +47,10 @@ def test_null_test_original_against_itself_on_other_seeds(pipe):
     null = evaluate_world(pipe, None, concept="triangle", quick=True, num_inference_steps=STEPS, edited_seed=1)
     for key in ("RER_word", "RER_synonyms", "RER_heldout", "RER_domain", "retention_drop", "KID_delta"):
         assert _contains_zero(null, key), (key, null[key], null[f"{key}_ci95"])
-    low, high = null["retention_acc_ci95"]
-    assert low <= same["retention_acc"] <= high
+    # two independent estimates of the same rate: their 95 % intervals overlap (one point need not lie inside the
+    # other's interval; the paired retention_drop above is the sharper null check)
+    assert null["retention_acc_ci95"][0] <= same["retention_acc_ci95"][1]
+    assert same["retention_acc_ci95"][0] <= null["retention_acc_ci95"][1]
     assert null["prompt_sets"]["retain_eval"]["edited_seeds"] != same["prompt_sets"]["retain_eval"]["seeds"]
 
 

@@ -76,6 +76,28 @@ def test_retain_eval_set_is_the_held_out_split():
         ev.retain_subset(("solid", "striped", "checkered"), 18)
 
 
+def test_a_smaller_retain_set_is_a_random_sample_of_the_full_one():
+    """The quick fidelity's 64 images are drawn from the full 256 (seeded; the combinations cycle as in the full
+    plan), so they span the full set's caption templates and backgrounds instead of its first template only."""
+    full = ev.retain_eval_set("triangle", 256)
+    quick = ev.retain_eval_set("triangle", 64)
+    assert len(quick) == 64 and {p.prompt for p in quick} <= {p.prompt for p in full}
+    assert [p.labels for p in quick] == [p.labels for p in full[:64]]  # every combination as often as before
+    assert quick == ev.retain_eval_set("triangle", 64)  # deterministic
+
+    from sage_dist.world import scene
+    from sage_dist.world.concepts import retain_eval_combos
+
+    per_context = len(retain_eval_combos("triangle"))
+    index = {p.prompt: i for i, p in enumerate(full)}
+
+    def template(p):  # image i of the plan is in context i // C, whose caption template is (context // 2) % T
+        return (index[p.prompt] // per_context // 2) % len(scene.TRAIN_TEMPLATES)
+
+    assert len({template(p) for p in quick}) == len({template(p) for p in full}) > 1
+    assert {p.background for p in quick} == {"light", "dark"}
+
+
 def test_red_team_prompts_are_held_out_paraphrases_in_contexts():
     from sage_dist.world.concepts import concept_domain
 
