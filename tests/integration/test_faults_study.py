@@ -224,6 +224,8 @@ def _trial_finished_in_saved_state(storage: Path) -> str:
     return ""
 
 
+@pytest.mark.slow  # timing-bound: one-worker trials in a reused process finish in ~5 s, often before Tune has saved
+# the first one as finished, and then no trial is left for the second kill; it needs a slower second trial
 def test_driver_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, local_ray):
     """The driver's whole process group (its local Ray included) gets SIGKILL once Tune has saved the first
     trial as finished; the ``--resume`` driver gets SIGKILL while it trains the second trial; a last
@@ -237,10 +239,13 @@ def test_driver_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, lo
     from sage_dist.tracking.mlflow_tracker import child_runs, search_runs
     from sage_dist.tune.search import run_search
 
+    # long enough that the second trial is still training when Tune has saved the first one as finished (a
+    # trial in a reused process takes ~0.5 s per step)
+    steps_per_trial = 5 * NUM_STEPS
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "studies"
     argv = ["--storage", str(storage), "--tracking-uri", uri, "--num-samples", "2", "--max-concurrent", "1",
-            "--no-images", f"--optim.num_steps={NUM_STEPS}"]
+            "--no-images", f"--optim.num_steps={steps_per_trial}"]
     at_kill = []  # per kill: (checkpointed steps, logged steps) per trial, read just before the SIGKILL
 
     def kill(driver) -> None:
@@ -265,7 +270,7 @@ def test_driver_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, lo
     finally:
         tiny_study.stop_group(driver, first=signal.SIGKILL)
 
-    out = run_search(_config(uri), tiny_study.search_space,
+    out = run_search(_config(uri).replace_flat({"optim.num_steps": steps_per_trial}), tiny_study.search_space,
                      tiny_study.options(str(storage), 2, 1, resume="latest", log_images=False))
     assert [r.status for r in out.rows] == ["ok", "ok"] and not out.interrupted, out.table
     assert first_id in {r.trial_id for r in out.rows}
@@ -275,9 +280,9 @@ def test_driver_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, lo
     assert len(runs) == 2 and {r.info.status for r in runs.values()} == {"FINISHED"}
     assert "sage_dist.attempts" not in runs[first_id].data.tags  # the finished trial never ran again
     final = {trial_id: _loss_steps(uri, run.info.run_id) for trial_id, run in runs.items()}
-    assert final[first_id] == list(range(NUM_STEPS))
+    assert final[first_id] == list(range(steps_per_trial))
     for trial_id, steps in final.items():
-        assert set(steps) == set(range(NUM_STEPS)), (trial_id, steps)  # nothing lost
+        assert set(steps) == set(range(steps_per_trial)), (trial_id, steps)  # nothing lost
         for saved, logged in at_kill:  # steps a checkpoint held at a kill were not logged again after it
             before, after = Counter(logged.get(trial_id, [])), Counter(steps)
             assert all(after[s] == before[s] for s in range(saved.get(trial_id, 0))), (trial_id, at_kill, steps)
@@ -285,7 +290,7 @@ def test_driver_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, lo
     assert records == sorted(runs)
     for trial_id in runs:
         history = json.loads((out.study_dir / "encoders" / trial_id / "record.json").read_text())["history"]
-        assert len(history) == NUM_STEPS
+        assert len(history) == steps_per_trial
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(out.study_dir))
     assert len(searcher._ot_study.trials) == 2
