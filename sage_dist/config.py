@@ -198,7 +198,10 @@ class AttackConfig:
     objective: Literal["h2_original", "h2_concept"] = "h2_original"
     """H2 = cos(g_n(x), g_o(x)) (default) or cos(g_n(x), g_o(c)) (the alternative reading, docs/METHOD.md "Self-check")."""
     h1_weight: float = 1.0
-    """λ1, weight of H1 = cos(g_o(x), g_o(c)) (stay in the concept domain)."""
+    """λ1, weight of H1 = cos(g_o(x), g_o(c)) (stay in the concept domain); 0 is the H2-only ablation."""
+    h2_weight: float = 1.0
+    """λ2, weight of H2 = cos(g_n(x), g_o(x)) (find what the edit still encodes as the original did); 1 in the
+    method, 0 is the H1-only ablation (docs/METHOD.md "Self-check")."""
     features: Literal["pooled", "pooled+sequence"] = "pooled+sequence"
     """Text features in H1/H2: pooled only, or pooled plus mean per-token cosine over the sequence."""
     norm_clip: bool = True
@@ -213,6 +216,9 @@ class AttackConfig:
         _require(1 <= self.num_random_tokens <= 20, f"attack.num_random_tokens={self.num_random_tokens}: allowed 1..20.")
         _require(1 <= self.num_adv_tokens <= 20, f"attack.num_adv_tokens={self.num_adv_tokens}: allowed 1..20.")
         _require(self.h1_weight >= 0, f"attack.h1_weight={self.h1_weight}: must be >= 0.")
+        _require(self.h2_weight >= 0, f"attack.h2_weight={self.h2_weight}: must be >= 0.")
+        _require(self.h1_weight > 0 or self.h2_weight > 0,
+                 "attack.h1_weight and attack.h2_weight are both 0: the attack would have no objective; set one > 0.")
         _require(bool(self.template_library.strip()),
                  "attack.template_library is empty: use 'default' or the path of a template file.")
 

@@ -53,7 +53,7 @@ def _objective(conditioner: TextConditioner, prompt: AttackPrompt, concept_featu
         else:
             h2s.append(h2_not_erased(cond_n.features[e], concept_features[e]))
     h1, h2 = torch.stack(h1s).mean(0), torch.stack(h2s).mean(0)
-    return attack_loss(h1, h2, h1_weight=cfg.h1_weight), h1, h2
+    return attack_loss(h1, h2, h1_weight=cfg.h1_weight, h2_weight=cfg.h2_weight), h1, h2
 
 
 def inside_out_attack(conditioner: TextConditioner, prompt: AttackPrompt, concept_features: list[Tensor],

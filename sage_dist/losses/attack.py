@@ -38,10 +38,11 @@ def h2_not_erased(g_trained_x_BD: Tensor, g_reference_BD: Tensor, *, seq_trained
     return h2
 
 
-def attack_loss(h1_B: Tensor, h2_B: Tensor, *, h1_weight: float = 1.0) -> Tensor:
-    """SAGE's inside-out attack loss L_atk = mean_B(−H2 − λ1·H1), minimised over the template embeddings.
+def attack_loss(h1_B: Tensor, h2_B: Tensor, *, h1_weight: float = 1.0, h2_weight: float = 1.0) -> Tensor:
+    """SAGE's inside-out attack loss L_atk = mean_B(−λ2·H2 − λ1·H1) (docs/METHOD.md "Self-check"; λ2 = 1 in the
+    method, 0 or λ1 = 0 are the H1-only / H2-only ablations), minimised over the template embeddings.
     ``[B]`` x2 -> scalar."""
-    return (-h2_B - h1_weight * h1_B).mean()
+    return (-h2_weight * h2_B - h1_weight * h1_B).mean()
 
 
 def outside_in_loss(eps_adversarial_BCHW: Tensor, eps_target_BCHW: Tensor) -> Tensor:

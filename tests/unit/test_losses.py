@@ -99,6 +99,17 @@ def test_attack_terms_by_hand():
     assert h2.item() == pytest.approx(1.0)
     # L = -(H2) - 2*H1
     assert attack_loss(h1, h2, h1_weight=2.0).item() == pytest.approx(-1.0 - 2 / math.sqrt(2))
+    # the ablations: H1 only (λ2 = 0) and H2 only (λ1 = 0)
+    assert attack_loss(h1, h2, h2_weight=0.0).item() == pytest.approx(-1 / math.sqrt(2))
+    assert attack_loss(h1, h2, h1_weight=0.0, h2_weight=0.5).item() == pytest.approx(-0.5)
+
+
+def test_attack_weights_both_zero_is_refused():
+    from sage_dist.config import AttackConfig
+    with pytest.raises(ValueError, match="both 0"):
+        AttackConfig(h1_weight=0.0, h2_weight=0.0)
+    with pytest.raises(ValueError, match="h2_weight"):
+        AttackConfig(h2_weight=-1.0)
 
 
 def test_sequence_cosine_ignores_sot_and_padding():
