@@ -176,8 +176,10 @@ def _write_checkpoint(path: Path, eraser, *, step: int, history: list[dict]) -> 
     for n, (name, cstate) in enumerate(eraser.concepts.items()):
         if cstate.attack is not None:
             state.update({f"attack{n}.{k}": v.contiguous() for k, v in cstate.attack.state().items()})
+        for i, found in enumerate(cstate.found):
+            state.update({f"found{n}.{i}.{k}": v.clone() for k, v in found.state().items()})  # own storage: ids are shared with the latest attack
         attack_meta[name] = {"index": n, "template": cstate.attack.template if cstate.attack else None,
-                             "log": cstate.attack_log}
+                             "log": cstate.attack_log, "found_templates": [f.template for f in cstate.found]}
     save_file({k: v.cpu() for k, v in state.items()}, path / "state.safetensors")
     meta = {"step": step, "config": _flat_config(eraser.cfg),
             "history": history, "adam_steps": opt_steps, "attacks": attack_meta}
@@ -260,4 +262,9 @@ def load_checkpoint(path: str | Path, eraser) -> tuple[int, list[dict]]:
         prefix = f"attack{info['index']}."
         sub = {k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)}
         cstate.attack = AttackPrompt.from_state(sub, info["template"]) if sub else None
+        cstate.found = []
+        for i, template in enumerate(info.get("found_templates", [])):
+            prefix = f"found{info['index']}.{i}."
+            sub = {k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)}
+            cstate.found.append(AttackPrompt.from_state(sub, template))
     return int(meta["step"]), list(meta["history"])

@@ -68,6 +68,20 @@ class ConceptState:
     attack: AttackPrompt | None = None
     """Latest attack prompt (None before the first attack)."""
     attack_log: list[dict] = field(default_factory=list)
+    found: list[AttackPrompt] = field(default_factory=list)
+    """Every ``found_stride``-th attack's optimised prompt (at most about :data:`FOUND_PROMPTS_KEPT`), kept for
+    the semantic-drift measurement (:func:`sage_dist.eval.found_prompts.found_prompt_concept_rate`)."""
+
+
+FOUND_PROMPTS_KEPT = 32
+"""Optimised attack prompts kept per concept for the semantic-drift measurement, spread evenly over training."""
+
+
+def found_stride(cfg: StudyConfig) -> int:
+    """Keep every n-th attack prompt: n = ceil(attacks per concept / :data:`FOUND_PROMPTS_KEPT`), counting
+    attacks at the upper bound of one per cycle after warm-up (round-robin concepts attack less often)."""
+    attacks = max(0, cfg.optim.num_steps - cfg.erase.warmup_steps) // cfg.erase.steps_per_cycle + 1
+    return max(1, -(-attacks // FOUND_PROMPTS_KEPT))
 
 
 @dataclass
@@ -252,6 +266,8 @@ class Eraser:
             result = inside_out_attack(self.conditioner, start, state.cond.features, self.cfg.attack,
                                        max_norms=self.max_norms)
         state.attack = result.prompt
+        if len(state.attack_log) % found_stride(self.cfg) == 0:
+            state.found.append(result.prompt.detached())
         state.attack_log.append({"template": result.prompt.template, "loss_first": result.losses[0],
                                  "loss_last": result.losses[-1], "H1": result.h1, "H2": result.h2})
         return result

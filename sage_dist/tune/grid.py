@@ -55,6 +55,7 @@ from sage_dist.eval.objective import (
     run_retain_prompts,
     text_proxy_metrics,
 )
+from sage_dist.eval.found_prompts import found_prompt_concept_rate
 from sage_dist.eval.red_team import red_team_world
 from sage_dist.eval.world import evaluate_world, flat_metrics
 from sage_dist.models.load import (
@@ -165,6 +166,9 @@ class GridStudy:
     """Label of the plots' x axis when the variants have an ``x`` (e.g. "concepts erased")."""
     smoke_variants: tuple[str, ...] = ()
     """Variants kept by ``--smoke-test`` (empty: all)."""
+    found_prompts: bool = False
+    """Also measure the semantic drift of the prompts the self-check found in training (world, inside-out
+    methods: :func:`sage_dist.eval.found_prompts.found_prompt_concept_rate`, ~10 s per trial)."""
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -352,6 +356,23 @@ def _evaluate(cfg: StudyConfig, original, encoders: dict[int, torch.nn.Module], 
     return TrialEvaluation(metrics, outcomes, features)
 
 
+def found_prompt_metrics(result, pipe, concepts: tuple[str, ...], *, seed: int) -> dict[str, float]:
+    """``found_prompt_concept_rate`` (with ``_ci95_lo`` / ``_hi``, ``_n`` images and ``_k`` hits) of each concept
+    whose erasure kept found attack prompts (``<concept>/`` prefixed with several concepts); {} without any."""
+    out: dict[str, float] = {}
+    eraser = result.eraser
+    for c in concepts:
+        found = eraser.concepts[c].found if eraser is not None else []
+        if not found:
+            continue
+        drift = found_prompt_concept_rate(pipe, eraser.conditioner, found, concept=c, seed=seed)
+        values = flat_metrics(drift)
+        values["found_prompt_concept_rate_k"] = round(drift["found_prompt_concept_rate"] * drift["found_prompt_concept_rate_n"])
+        prefix = f"{c}/" if len(concepts) > 1 else ""
+        out.update({f"{prefix}{k}": v for k, v in values.items()})
+    return out
+
+
 def training_unet_calls(result) -> int:
     """Rows of UNet forward passes an erasure made (its samplers' ``num_unet_calls``: the frozen model's
     rollouts, targets and the student; ESD-x's trainable UNet copy counted as well)."""
@@ -458,6 +479,8 @@ def execute_trial(study: GridStudy, variant: Variant, seed: int, *, tracker=None
     evaluation = _evaluate(cfg, pipe, encoders, unet, fidelity=study.fidelity, red_team=study.red_team,
                            adversarial_dir=adversarial_dir)
     metrics.update(evaluation.metrics)
+    if study.found_prompts and variant.procedure == "erase" and is_world(cfg.model.model_id):
+        metrics.update(found_prompt_metrics(result, pipe, concepts, seed=cfg.optim.seed))
     if "RER_domain" in metrics:
         # White-box swap-back (reports/open_questions.md): restoring the original text encoder undoes a text-encoder-only edit
         # exactly (the pipeline is then the original, RER 0); a UNet edit (ESD-x) is untouched by it.

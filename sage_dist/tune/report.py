@@ -24,6 +24,8 @@ gives its bounds instead, ``value [low, high] (n)``):
 
 These intervals are over images given the trained models: they say how precisely the evaluation measured
 these erasures, not how much another training seed would move them; the per-seed table shows that spread.
+A per-trial rate that a trial logs with its counts (``<m>_k`` hits of ``<m>_n`` images, e.g.
+``found_prompt_concept_rate``) is pooled over seeds like the per-image rates (Wilson on the summed counts).
 A variant with fewer finished trials than the study's seeds is marked in every cell ("2 of 3 seeds"); a
 variant with none reads "missing".
 
@@ -557,6 +559,13 @@ def variant_cell(metric: str, vr: VariantRecords, expected: int) -> Cell:
         cell = pooled_cell(metric, vr.units, expected)
         if cell is not None:
             return cell
+    counted = [r["metrics"] for r in vr.ok if f"{metric}_k" in r["metrics"] and f"{metric}_n" in r["metrics"]]
+    if counted and len(counted) == len(vr.ok):  # a per-trial rate with its counts: pooled over seeds (Wilson)
+        k, n = (int(sum(m[f"{metric}_{s}"] for m in counted)) for s in ("k", "n"))
+        if n > 0:
+            low, high = wilson_interval(k, n)
+            return Cell(value=k / n, low=low, high=high, n=n, unit="images", method="wilson", seeds=len(counted),
+                        expected=expected)
     values = [float(r["metrics"][metric]) for r in vr.ok if isinstance(r["metrics"].get(metric), (int, float))
               and math.isfinite(r["metrics"][metric])]
     if not values:
@@ -793,7 +802,7 @@ def comparisons_section(study: GridStudy, records: list[dict[str, Any]]) -> list
             continue
         comps = compare_variants(study, records, v.name, ref)
         seeds = comps[0].seeds if comps else ()
-        lines += [f"**{v.name} vs {ref}** (seeds {', '.join(map(str, seeds)) or 'none'} of "
+        lines += [f"**{v.name} vs {ref}** (paired seeds: {', '.join(map(str, seeds)) or 'none'}; the study's: "
                   f"{', '.join(map(str, study.seeds))}):", "", comparison_table(comps), ""]
     return lines
 

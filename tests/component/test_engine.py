@@ -232,6 +232,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     a, b = full.text_encoders[0].state_dict(), resumed.text_encoders[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    # the found prompts kept for the semantic-drift measurement survive the checkpoint
+    kept, again = full.eraser.concepts["triangle"].found, resumed.eraser.concepts["triangle"].found
+    assert len(kept) == 4 and len(again) == len(kept)  # one per attack after the warm-up (stride 1)
+    assert all(torch.equal(x.tokens[0], y.tokens[0]) and x.template == y.template for x, y in zip(kept, again))
     with pytest.raises(ValueError, match="different configuration"):
         run_erasure(tiny_config(**{"optim.num_steps": 6, "erase.warmup_steps": 2, "retain.top_k": 1}),
                     progress=False, resume_from=ckpt)

@@ -523,3 +523,45 @@ def test_methods_world_trial_records_outcomes_that_reproduce_its_metrics(tmp_pat
         if cell.method == "wilson":
             assert (cell.low, cell.high) == pytest.approx((m[f"{key}_ci95_lo"], m[f"{key}_ci95_hi"])), key
     assert m["num_unet_calls"] > 0 and m["train_s"] > 0
+
+
+# ---- the ablation study (studies/ablations.py) ----------------------------------------------------------------
+def test_ablation_study_variants_change_one_part_of_sage_each():
+    from sage_dist.presets import WORLD_ERASE
+    from sage_dist.tune.grid import smoke_version
+
+    module = load_study_module("ablations")
+    study = module.study()
+    assert study.variants[0].name == "sage" and study.reference_variant == "sage" and study.found_prompts
+    assert study.red_team and study.fidelity.name == "full"
+    full = study.variant_config(study.variants[0], 0)
+    assert (full.erase.method, full.optim.num_steps, full.erase.rollout_cache) == ("sage", WORLD_ERASE["optim.num_steps"], True)
+    full_flat = full.to_flat_dict()
+    for v in study.variants[1:]:  # each variant differs from full SAGE in exactly its own override
+        flat = study.variant_config(v, 0).to_flat_dict()
+        assert {k for k in flat if flat[k] != full_flat[k]} == set(v.overrides), v.name
+    cfg = {v.name: study.variant_config(v, 0) for v in study.variants}
+    assert (cfg["h1_only"].attack.h2_weight, cfg["h2_only"].attack.h1_weight) == (0.0, 0.0)
+    assert "found_prompt_concept_rate" in study.metrics and len(smoke_version(study).variants) == 3
+    assert "--smoke-test" in module.__doc__ and "Command" in module.__doc__ and "runtime" in module.__doc__
+
+
+@needs_world
+def test_ablation_world_trial_measures_the_drift_of_its_found_prompts(tmp_path):
+    """H2-only on the world (smoke budgets): the prompts its self-check found are rendered by the original model
+    and judged; the counts are in the record and pool to the report's cell."""
+    from sage_dist.tune import report
+    from sage_dist.tune.grid import run_local, smoke_version, with_variants
+
+    study = smoke_version(load_study_module("ablations").study(), {})
+    study = with_variants(study, tuple(v for v in study.variants if v.name == "h2_only"), seeds=(0,))
+    (record,) = run_local(study, tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    m = record["metrics"]
+    kept = m["found_prompts"]
+    assert kept >= 1 and m["found_prompt_concept_rate_n"] == 2 * kept
+    assert m["found_prompt_concept_rate"] == m["found_prompt_concept_rate_k"] / m["found_prompt_concept_rate_n"]
+    vr = report.variant_records(study, [record])["h2_only"]
+    cell = report.variant_cell("found_prompt_concept_rate", vr, expected=1)
+    assert cell.method == "wilson" and (cell.low, cell.high) == pytest.approx(
+        (m["found_prompt_concept_rate_ci95_lo"], m["found_prompt_concept_rate_ci95_hi"]))

@@ -80,6 +80,20 @@ def test_rates_pool_counts_over_seeds_with_a_wilson_interval():
     assert held.value == 0.5 and (held.low, held.high) == pytest.approx(metrics.wilson_interval(8, 16))
 
 
+def test_a_per_trial_rate_with_its_counts_pools_over_seeds():
+    # found_prompt_concept_rate: 6 of 8 images at seed 0, 2 of 8 at seed 1 -> 8 of 16 (not the mean of rates)
+    recs = [record("a", 0, found_prompt_concept_rate=0.75, found_prompt_concept_rate_k=6, found_prompt_concept_rate_n=8),
+            record("a", 1, found_prompt_concept_rate=0.2, found_prompt_concept_rate_k=2, found_prompt_concept_rate_n=10)]
+    vr = report.variant_records(study("a", seeds=(0, 1)), recs)["a"]
+    cell = report.variant_cell("found_prompt_concept_rate", vr, expected=2)
+    assert (cell.value, cell.n, cell.method, cell.unit) == (8 / 18, 18, "wilson", "images")
+    assert (cell.low, cell.high) == pytest.approx(metrics.wilson_interval(8, 18))
+    # a record without the counts: the per-trial mean with a t interval, as for any per-trial number
+    recs[1]["metrics"].pop("found_prompt_concept_rate_k")
+    assert report.variant_cell("found_prompt_concept_rate", report.variant_records(
+        study("a", seeds=(0, 1)), recs)["a"], expected=2).unit == "seeds"
+
+
 def test_rer_pools_counts_and_one_seed_reproduces_the_trials_own_rer():
     e0, o0 = [0] * 6 + [1] * 2, [1] * 8  # 2 of 8 left: RER 0.75
     e1, o1 = [0] * 2 + [1] * 4 + [0, 0], [1] * 6 + [0, 0]  # 4 of 6: RER 1/3
@@ -198,7 +212,7 @@ def test_missing_and_failed_seeds_are_marked_never_averaged_silently(tmp_path):
     assert comp.seeds == (0,)  # paired on the seed both finished
     path = report.write_report([s], {"demo": recs}, tmp_path / "r.md")
     text = path.read_text()
-    assert "**b vs a** (seeds 0 of 0, 1, 2)" in text and "2 of 9 trials" not in text and "4 of 9 trials" in text
+    assert "**b vs a** (paired seeds: 0; the study's: 0, 1, 2)" in text and "2 of 9 trials" not in text and "4 of 9 trials" in text
 
 
 def test_seeds_that_evaluated_other_images_are_not_paired():
