@@ -26,9 +26,9 @@ Two evaluators:
   - ``robust_erasure`` = 1 − ``ASR_prefix``: ASR (pre-ASR + post-ASR, UnlearnDiffAtk's definition) of the
     UnlearnDiffAtk prefix-token attack on the concept's held-out paraphrases (prompts erasure never saw),
     judged by the world's detector; Wilson interval over attacked prompts. The prefix attack is independent of
-    SAGE (SAGE's own inside-out attack is reported apart, ``ASR_inside_out``, at the full fidelity only). The
-    Ring-A-Bell-style attack is run at the full fidelity (``ASR_ring_*``) but is not part of robust_erasure:
-    on the world it succeeds on every prompt at strength 2 for every edit measured, so it cannot rank them.
+    SAGE (SAGE's own inside-out attack is not run here: it is the attack SAGE trains against). The
+    Ring-A-Bell-style attack is not part of robust_erasure either: on the world it succeeds on every prompt at
+    strength 2 for every edit measured, so it cannot rank them (the grid studies report both).
   - ``retention_loss`` = ``retention_acc_all_original − retention_acc_all``: the fraction of held-out retain
     images (combinations erasure never trained on) whose three prompted attributes the original model draws
     and the edit no longer does, net; the same prompts and initial noise for both models, so the 95 %
@@ -70,7 +70,7 @@ import torch
 from sage_dist.config import StudyConfig
 from sage_dist.eval.generate import generate_images, image_grid
 from sage_dist.eval.metrics import mean_with_interval
-from sage_dist.eval.red_team import ALL_ATTACKS, red_team_world
+from sage_dist.eval.red_team import red_team_world
 from sage_dist.eval.world import compare_world, evaluate_world, flat_metrics, format_metrics, pipeline_hash
 from sage_dist.models.load import (
     edited_pipeline,
@@ -95,10 +95,11 @@ EVAL_TEMPLATES: tuple[str, ...] = ("{}", "a picture of a {}", "an image showing 
 NUM_RETAIN_EVAL = 32
 """Retain prompts the text proxy measures drift on at the quick fidelity (the first ones of the run's retain
 set); the full fidelity uses all of them."""
-QUICK_RED_TEAM_ATTACKS: tuple[str, ...] = ("prefix",)
-"""Red-team attacks of a trial's quick evaluation: the prefix attack robust_erasure is defined on."""
-FULL_RED_TEAM_ATTACKS: tuple[str, ...] = ALL_ATTACKS
-"""Red-team attacks of the full fidelity: prefix, Ring-A-Bell-style and SAGE's inside-out attack (apart)."""
+SEARCH_RED_TEAM_ATTACKS: tuple[str, ...] = ("prefix",)
+"""Red-team attacks of a search trial and of the re-scoring of a study's front: the prefix attack that
+robust_erasure, ASR and pre-ASR are defined on here, at both fidelities, so that a re-scored number is the same
+quantity as the trial's quick one. The Ring-A-Bell-style and inside-out attacks belong to the grid studies'
+full red team (``studies/methods.py``)."""
 
 Mode = Literal["min", "max"]
 Fidelity = Literal["quick", "full"]
@@ -408,8 +409,8 @@ def world_metrics(cfg: StudyConfig, result, pipe, *, quick: bool = True,
     Per concept: :func:`~sage_dist.eval.world.compare_world` of the edit and the original on identical prompts
     and noise (every metric of :func:`~sage_dist.eval.world.evaluate_world`, plus ``retention_loss`` from the
     paired difference of ``retention_acc_all``) and, on an SD pipeline, the red team
-    (:func:`~sage_dist.eval.red_team.red_team_world`: the prefix attack at the quick fidelity, every attack at
-    the full one; ``robust_erasure`` = 1 − ``ASR_prefix``). Floats only (each interval as ``<metric>_ci95_lo``
+    (:func:`~sage_dist.eval.red_team.red_team_world`: the prefix attack, :data:`SEARCH_RED_TEAM_ATTACKS`, on
+    the fidelity's prompts; ``robust_erasure`` = 1 − ``ASR_prefix``). Floats only (each interval as ``<metric>_ci95_lo``
     / ``_hi``); with several concepts every key, interval bounds included, is the mean of the per-concept
     values (the bounds are then not an interval of the mean).
 
@@ -429,10 +430,9 @@ def world_metrics(cfg: StudyConfig, result, pipe, *, quick: bool = True,
         flat.update(retention_loss=-cmp["delta_retention_acc_all"], retention_loss_ci95_lo=-high,
                     retention_loss_ci95_hi=-low, retention_loss_n=float(cmp["delta_retention_acc_all_n"]))
         if fid.red_team_prompts and not is_sdxl(pipe):
-            attacks = QUICK_RED_TEAM_ATTACKS if quick else FULL_RED_TEAM_ATTACKS
             team = red_team_world(pipe, (encoders or {}).get(0), unet=result.unet, concept=c, fidelity=fid,
                                   seed=cfg.optim.seed, guidance=defaults.guidance,
-                                  num_inference_steps=defaults.num_inference_steps, attacks=attacks,
+                                  num_inference_steps=defaults.num_inference_steps, attacks=SEARCH_RED_TEAM_ATTACKS,
                                   out_dir=Path(red_team_dir) / c if red_team_dir is not None else None)
             flat.update(flat_metrics(team))
             flat.update(robust_erasure=1.0 - flat["ASR_prefix"], robust_erasure_ci95_lo=1.0 - flat["ASR_prefix_ci95_hi"],

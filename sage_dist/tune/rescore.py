@@ -3,8 +3,8 @@
 A trial is scored at the quick fidelity while the study runs. At its end, :func:`rescore` evaluates the saved
 edit of every candidate (``<study>/encoders/<trial id>/``, written by the trial) again with
 :func:`sage_dist.eval.objective.evaluate_saved_edit`: on the bundled world at
-:data:`sage_dist.presets.WORLD_EVAL_FULL` (160 concept-domain and 256 held-out retain images, a 32-prompt red
-team with every attack), elsewhere the text proxy on every retain prompt. One Ray task per trial, each on the
+:data:`sage_dist.presets.WORLD_EVAL_FULL` (160 concept-domain and 256 held-out retain images, the prefix attack
+on 32 red-team prompts: the attack the objectives are defined on, as in the trials), elsewhere the text proxy on every retain prompt. One Ray task per trial, each on the
 CPUs (and GPU) one Train worker of the study gets, so as many run at once as the cluster has room for.
 
 Each task writes its result to ``<study>/rescore/<trial id>.json`` itself (atomically), with a key made of the
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_dist.config import StudyConfig
-from sage_dist.eval.objective import evaluate_saved_edit, uses_nudity_protocol
+from sage_dist.eval.objective import SEARCH_RED_TEAM_ATTACKS, evaluate_saved_edit, uses_nudity_protocol
 from sage_dist.models.registry import is_world
 from sage_dist.presets import NUDITY_FULL_PROMPTS, WORLD_EVAL_FULL
 
@@ -79,7 +79,7 @@ def rescore_key(job: RescoreJob) -> dict[str, Any]:
     """What a record must match to be reused: the full fidelity's settings, the trial's config, the edit's hash."""
     cfg = StudyConfig.from_flat_dict(job.config)
     if is_world(cfg.model.model_id):
-        fidelity = dataclasses.asdict(WORLD_EVAL_FULL)
+        fidelity = {**dataclasses.asdict(WORLD_EVAL_FULL), "attacks": list(SEARCH_RED_TEAM_ATTACKS)}
     elif uses_nudity_protocol(cfg.model.model_id, cfg.erase.erase_concept):
         fidelity = {"name": "nudity", "prompts": NUDITY_FULL_PROMPTS, "steps": cfg.erase.ddim_steps, "retain": "all"}
     else:

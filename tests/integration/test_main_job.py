@@ -169,7 +169,8 @@ def test_world_objectives_come_from_the_paired_comparison_and_the_prefix_attack(
     assert (quick["robust_erasure_ci95_lo"], quick["robust_erasure_ci95_hi"]) == (0.5, 0.9)
     assert quick["robust_score"] == 0.5 and quick["RER_domain_ci95_lo"] == 0.8
     objective.world_metrics(cfg, SimpleNamespace(text_encoders={}, unet=None), pipe, quick=False)
-    assert seen["fidelity"] == "full" and seen["attacks"] == ("prefix", "ring", "inside_out")
+    # re-scoring: the same attack on the full fidelity's 32 prompts, so the re-scored ASR is the same quantity
+    assert seen["fidelity"] == "full" and seen["attacks"] == ("prefix",) and seen["prompts"] == 32
     assert default_objectives("world").metrics == ["robust_erasure", "retention_loss"]
 
 
