@@ -16,7 +16,9 @@ and calls :func:`main` with it; ``open_questions.py`` calls :func:`main` with se
 Bad input (an override, a seed list with a repeated seed, a variant's pre-flight check such as a text encoder the
 model lacks, the tracking URI, an unwritable ``--out`` or report folder) stops the launch before Ray starts and
 before any MLflow run exists (exit status 2). The report is always written from the trial records on disk
-(per-image outcomes and KID side files included), so ``--report-only`` gives the same report. An interrupt
+(per-image outcomes and KID side files included), so ``--report-only`` gives the same report; every trial also
+logs its record to its MLflow run, and ``--report-only --from-mlflow`` rebuilds the report from the tracking
+store alone (:mod:`sage_dist.tune.from_mlflow`). An interrupt
 (Ctrl+C, SIGTERM) keeps the records of the trials that ended, marks the unfinished studies' parent runs KILLED
 and prints the ``--resume`` command (exit status 130).
 """
@@ -30,12 +32,15 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from sage_dist.config import parse_overrides
 from sage_dist.files import ensure_writable_folder
+from sage_dist.tracking import check_tracking_reachable, resolve_tracking
+from sage_dist.tune.from_mlflow import records_from_mlflow
 from sage_dist.tune.grid import (
     GridStudy,
     grid_cells,
@@ -74,6 +79,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    "--out (nothing runs)")
     p.add_argument("--resume", action="store_true", help="run only the trials without an ok record in --out (after "
                    "an interrupt or failed trials); the report covers every trial")
+    p.add_argument("--from-mlflow", action="store_true", help="with --report-only: read the trial records from the "
+                   "MLflow tracking store (--tracking-uri) instead of --out; cells without a record read missing")
     return p
 
 
@@ -152,6 +159,10 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
         out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / default_out)
         out_dir = out_dir.expanduser().resolve()
         report = Path(args.report or default_report or out_dir / "report.md")
+        if args.from_mlflow and not args.report_only:
+            raise ValueError("--from-mlflow reads a finished study's records: use it with --report-only")
+        if args.report_only and args.from_mlflow:
+            return _report_from_mlflow(studies, args.tracking_uri, experiment_prefix, report, title)
         if args.report_only:
             return _rewrite_report(studies, out_dir, report, title)
         ensure_writable_folder(report.resolve().parent, "--report folder")
@@ -197,6 +208,23 @@ def _grid_records(study: GridStudy, out_dir: Path) -> list[dict]:
     """The records under ``out_dir`` of the cells of ``study``'s grid."""
     cells = {(v.name, seed) for v, seed in grid_cells(study)}
     return [r for r in read_records(out_dir, study.name, features=True) if (r["variant"], r["seed"]) in cells]
+
+
+def _report_from_mlflow(studies: list[GridStudy], tracking_uri: str, experiment_prefix: str, report: Path,
+                        title: str) -> Path:
+    """``--report-only --from-mlflow``: the report from the records the trials logged to MLflow."""
+    ensure_writable_folder(report.resolve().parent, "--report folder")
+    check_tracking_reachable(resolve_tracking(tracking_uri))
+    with tempfile.TemporaryDirectory(prefix="sage_report_from_mlflow_") as tmp:
+        found = [records_from_mlflow(s, tracking_uri, experiment_prefix + s.name, tmp) for s in studies]
+        records = {s.name: _grid_records(s, Path(tmp)) for s in studies}
+        sources = "; ".join(f"experiment `{f.experiment}`: {f.runs} trial runs, {f.without_record} without a record, "
+                            f"{f.other_config} of another configuration" for f in found)
+        preamble = (f"Rebuilt from MLflow alone by `{' '.join(['python', sys.argv[0], *sys.argv[1:]])}` "
+                    f"({tracking_uri or 'local store'}; {sources}).")
+        path = write_report(studies, records, report, title=title, preamble=preamble)
+    print(f"report: {path} (rebuilt from {sum(len(r) for r in records.values())} trial records in MLflow)")
+    return path
 
 
 def _rewrite_report(studies: list[GridStudy], out_dir: Path, report: Path, title: str) -> Path:

@@ -171,6 +171,11 @@ def _client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
+def tracking_client(tracking_uri: str):
+    """An ``mlflow.MlflowClient`` of ``tracking_uri`` (a resolved URI, :func:`resolve_tracking`)."""
+    return _client(tracking_uri)
+
+
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 """Experiment tag that picks the view the MLflow UI opens an experiment in."""
 EXPERIMENT_KIND = "custom_model_development"

@@ -522,9 +522,13 @@ class _Offset:
 
 def failed_record(study: GridStudy, variant: Variant, seed: int, err: BaseException) -> dict[str, Any]:
     """The record of a trial that raised (kept in the report's counts)."""
+    try:
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in study.variant_config(variant, seed).to_flat_dict().items()}
+    except ValueError:  # the cell's configuration itself was the failure
+        config = {}
     return {"study": study.name, "variant": variant.name, "group": variant.group or variant.name, "x": variant.x,
             "seed": seed, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-            "traceback": traceback.format_exc()[-4000:], "metrics": {}, "curves": {}}
+            "traceback": traceback.format_exc()[-4000:], "metrics": {}, "curves": {}, "config": config}
 
 
 def trial_path(out_dir: str | Path, study: str, variant: str, seed: int) -> Path:

@@ -38,6 +38,7 @@ from sage_dist.tracking import (
     resolve_tracking,
 )
 from sage_dist.tracking.mlflow_tracker import child_runs
+from sage_dist.tune.from_mlflow import RECORD_ARTIFACT_DIR
 from sage_dist.tune.cluster import (
     cluster_capacity,
     connect_ray,
@@ -102,13 +103,27 @@ def grid_trial(config: dict[str, Any], *, study: GridStudy, settings: RunSetting
         tracker.log_params(study.variant_config(variant, seed).to_flat_dict())
         record = execute_trial(study, variant, seed, tracker=tracker, out_dir=settings.out_dir)
     except BaseException as err:
-        write_record(settings.out_dir, failed_record(study, variant, seed, err))
+        _log_record(tracker, write_record(settings.out_dir, failed_record(study, variant, seed, err)))
         _end_quietly(tracker, "FAILED", f"{type(err).__name__}: {err}"[:2000])
         raise
     path = write_record(settings.out_dir, record)  # the KID inputs go to the record's side file
+    _log_record(tracker, path)
     _end_quietly(tracker, "FINISHED")
     numeric = {k: v for k, v in record["metrics"].items() if isinstance(v, float) and "/" not in k}
     ray.tune.report({**numeric, "record_json": path.read_text()})
+
+
+def _log_record(tracker, path: Path) -> None:
+    """The trial record (and its KID side file) as artifacts of the trial's run, under
+    :data:`~sage_dist.tune.from_mlflow.RECORD_ARTIFACT_DIR`, so a report can be rebuilt from MLflow alone
+    (:mod:`sage_dist.tune.from_mlflow`); a tracking error is logged (the record on disk stands)."""
+    record = json.loads(path.read_text())
+    files = [path] + ([path.parent / record["features_file"]] if record.get("features_file") else [])
+    try:
+        for f in files:
+            tracker.log_artifact(f, RECORD_ARTIFACT_DIR)
+    except Exception as err:  # noqa: BLE001 - the trial's outcome does not depend on its tracking
+        log.warning("could not log the trial record %s to MLflow: %s: %s", path, type(err).__name__, err)
 
 
 def _end_quietly(tracker, status: str, reason: str = "") -> None:
