@@ -18,7 +18,7 @@ Hypothesis: the full attack loss erases the concept domain at least as well as e
 drifts (a lower found-prompt concept rate than full SAGE); the bank costs nothing measurable.
 
 Command (world, "triangle", 9 variants x 3 seeds):  python studies/ablations.py
-Another concept:                                   python studies/ablations.py --concept red --out runs/ablations_red
+Another concept:                                   python studies/ablations.py --concept red
 One part at a time (budget):                       python studies/ablations.py --variants sage,h1_only,h2_only
 Smoke test (~3 min on 2 cores):                    python studies/ablations.py --smoke-test --local
 Rebuild the report from the trial records:         python studies/ablations.py --report-only
@@ -61,7 +61,7 @@ def study(model: str = "world", concept: str | None = None) -> GridStudy:
     quality = ("retention_acc", "retention_acc_all", "KID")
     cost = ("train_s", "train_cpu_s", "num_unet_calls")
     return GridStudy(
-        name="ablations", question=f"Which parts of SAGE carry erasure and retention on {concept!r}?",
+        name=f"ablations_{concept.replace(' ', '_')}", question=f"Which parts of SAGE carry erasure and retention on {concept!r}?",
         hypothesis=__doc__.split("Hypothesis: ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model, concept),
         variants=tuple(Variant(name=name, overrides=overrides) for name, overrides in VARIANTS.items()),
@@ -80,4 +80,4 @@ def study(model: str = "world", concept: str | None = None) -> GridStudy:
 
 if __name__ == "__main__":
     main(study, description=__doc__, title="Ablations of SAGE on the bundled world",
-         default_out="ablations", experiment_prefix="claims.")
+         default_out="claims", experiment_prefix="claims.")

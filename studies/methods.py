@@ -10,7 +10,8 @@ Hypothesis (the paper's claim): SAGE erases the concept domain better at equal r
 attacks than the baselines.
 
 Command (world, "triangle", 4 methods x 3 seeds):  python studies/methods.py
-Another concept (a colour, a texture):            python studies/methods.py --concept red --out runs/methods_red
+Another concept (a colour, a texture):            python studies/methods.py --concept red
+All three concepts and the ablations at once:     python studies/claims.py (reports/claims.md)
 Fewer seeds for one method (budget):              python studies/methods.py --variants advunlearn --seeds 0,1
 Smoke test (~2 min on 2 cores):                   python studies/methods.py --smoke-test --local
 Rebuild the report from the trial records:        python studies/methods.py --report-only
@@ -23,7 +24,7 @@ from sage_dist.config import StudyConfig
 from sage_dist.models.registry import is_world
 from sage_dist.presets import ADVUNLEARN_PUBLISHED, WORLD_ERASE
 from sage_dist.tune.concepts import single_concept
-from sage_dist.tune.grid import GridStudy, Variant
+from sage_dist.tune.grid import Claim, GridStudy, Variant
 from sage_dist.world.concepts import ATTRIBUTES, concept_domain
 
 METHODS = {
@@ -57,7 +58,8 @@ def study(model: str = "world", concept: str | None = None) -> GridStudy:
     attacks = ("pre_ASR", "ASR", "ASR_prefix", "ASR_ring_max", "ASR_inside_out")
     cost = ("train_s", "train_cpu_s", "num_unet_calls")
     return GridStudy(
-        name="methods", question=f"SAGE vs ESD, ESD-x and AdvUnlearn on {concept!r}: erasure, attacks, retention, cost",
+        name=f"methods_{concept.replace(' ', '_')}",
+        question=f"SAGE vs ESD, ESD-x and AdvUnlearn on {concept!r}: erasure, attacks, retention, cost",
         hypothesis=__doc__.split("Hypothesis (the paper's claim): ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model, concept),
         variants=tuple(Variant(name=name, overrides=overrides) for name, overrides in METHODS.items()),
@@ -65,6 +67,8 @@ def study(model: str = "world", concept: str | None = None) -> GridStudy:
         compare_metrics=(*erasure, *attacks, *quality, *cost),
         plot_metrics=("RER_domain", "RER_heldout", "ASR", "retention_acc_all"),
         quick_eval=False, red_team=True, reference_variant="sage", table_rows="metrics",
+        claim=Claim(text="SAGE erases the concept domain better at equal retention and is more robust to attacks.",
+                    erasure="RER_domain", retention="retention_acc_all", robustness="ASR_prefix"),
         smoke_variants=tuple(METHODS),
         notes="Every method gets the world erase preset's budget (`sage_dist/presets.py` `WORLD_ERASE`); AdvUnlearn "
               "adds its published settings (`ADVUNLEARN_PUBLISHED`). Evaluation: the full world fidelity "
@@ -79,4 +83,4 @@ def study(model: str = "world", concept: str | None = None) -> GridStudy:
 
 if __name__ == "__main__":
     main(study, description=__doc__, title="SAGE against the baselines on the bundled world",
-         default_out="methods", experiment_prefix="claims.")
+         default_out="claims", experiment_prefix="claims.")

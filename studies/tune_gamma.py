@@ -12,8 +12,9 @@ multi-objective:
   (combinations erasure never trained on), both models on the same prompts and noise.
 
 At the end the quick front and every trial tied with it (overlapping 95 % intervals on both objectives) are
-re-scored at the full fidelity (red team included) on the same Ray cluster, and the final front is printed,
-logged to MLflow with intervals and ties, and its erased encoders registered in the MLflow Model Registry.
+re-scored at the full fidelity (the same prefix attack, on 32 prompts) on the same Ray cluster, and the final
+front is printed, logged to MLflow with intervals and ties, and its erased encoders registered in the MLflow
+Model Registry.
 
     python studies/tune_gamma.py                    # bundled world, 12 trials + re-scoring of up to 4
     python studies/tune_gamma.py --smoke-test       # 2 trials, both re-scored

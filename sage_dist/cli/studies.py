@@ -70,7 +70,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=0.5, help="Ray CPUs per trial (fractions allowed)")
     p.add_argument("--out", default="", help="output folder (trial records, Tune experiments; default: "
                    "$SAGE_DIST_STORAGE/open_questions, else runs/open_questions)")
-    p.add_argument("--report", default="", help="Markdown report path (default: <out>/report.md)")
+    p.add_argument("--report", default="", help="Markdown report path (default: <out>/<study>.md for one study, "
+                   "else <out>/report.md)")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: each study's, 0,1,2)")
     p.add_argument("--variants", default="", help="comma-separated variant names to run (default: all); e.g. "
                    "re-run failed ones into the same --out, then --report-only")
@@ -158,7 +159,9 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
         args, studies = prepare(fns, argv, description)
         out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / default_out)
         out_dir = out_dir.expanduser().resolve()
-        report = Path(args.report or default_report or out_dir / "report.md")
+        # studies sharing an output folder (the claims, the open questions) keep one report each
+        report = Path(args.report or default_report
+                      or out_dir / (f"{studies[0].name}.md" if len(studies) == 1 else "report.md"))
         if args.from_mlflow and not args.report_only:
             raise ValueError("--from-mlflow reads a finished study's records: use it with --report-only")
         if args.report_only and args.from_mlflow:

@@ -83,6 +83,21 @@ Procedure = Literal["erase", "sequential", "transfer"]
 
 
 @dataclass(frozen=True, kw_only=True)
+class Claim:
+    """A claim that the study's reference variant is better than each other variant on ``erasure`` at equal
+    ``retention`` and on ``robustness``, judged from paired intervals (:func:`sage_dist.tune.report.claim_verdicts`)."""
+
+    text: str
+    """The claim as the paper states it (report)."""
+    erasure: str = "RER_domain"
+    """Erasure metric (higher is better)."""
+    retention: str = "retention_acc_all"
+    """Retention metric (higher is better) that decides whether two variants retain equally."""
+    robustness: str = "ASR_prefix"
+    """Attack success rate (lower is better)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Variant:
     """One cell of a study's grid (run once per seed)."""
 
@@ -166,6 +181,8 @@ class GridStudy:
     """Label of the plots' x axis when the variants have an ``x`` (e.g. "concepts erased")."""
     smoke_variants: tuple[str, ...] = ()
     """Variants kept by ``--smoke-test`` (empty: all)."""
+    claim: Claim | None = None
+    """A claim about ``reference_variant`` judged in the report from paired intervals (None: none)."""
     found_prompts: bool = False
     """Also measure the semantic drift of the prompts the self-check found in training (world, inside-out
     methods: :func:`sage_dist.eval.found_prompts.found_prompt_concept_rate`, ~10 s per trial)."""

@@ -831,6 +831,63 @@ def findings(study: GridStudy, records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _part_verdict(part: Comparison, retention: Comparison, reference_better_when_lower: bool) -> str:
+    """One part of a claim for one baseline: "supported", "contradicted", "not separable" or "trade-off"."""
+    def sign(c: Comparison) -> int:  # +1 / -1: the interval of (variant - reference) excludes 0 that way; 0: not
+        return 0 if not c.delta.excludes_zero() else (1 if c.delta.value > 0 else -1)
+
+    baseline_better = sign(part) * (-1 if reference_better_when_lower else 1)  # +1: the baseline beats the reference
+    baseline_retains = sign(retention)
+    if baseline_better < 0 and baseline_retains <= 0:
+        return "supported"
+    if baseline_better > 0 and baseline_retains >= 0:
+        return "contradicted"
+    if baseline_better == 0:
+        return "not separable"
+    return "trade-off (unequal retention)"
+
+
+def claim_verdicts(study: GridStudy, records: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines judging ``study.claim`` against every other variant from paired intervals: erasure at equal
+    retention, and robustness (each "supported", "contradicted", "not separable at this power", or
+    "trade-off": the two differ on retention the other way, so the claim's "at equal retention" cannot be
+    judged); [] without a claim or a reference."""
+    claim, ref = study.claim, study.reference_variant
+    if claim is None or not ref:
+        return []
+    lines = [f"**The claim** (`{ref}` against each baseline): {claim.text}", "",
+             f"| baseline | Δ {claim.erasure} | Δ {claim.retention} | Δ {claim.robustness} | erasure at equal "
+             "retention | robustness | verdict |", "|---|---|---|---|---|---|---|"]
+    seeds: set[int] = set()
+    for v in study.variants:
+        if v.name == ref:
+            continue
+        comps = {c.metric: c for c in compare_variants(study, records, v.name, ref,
+                                                      (claim.erasure, claim.retention, claim.robustness))}
+        erase, keep, robust = comps[claim.erasure], comps[claim.retention], comps[claim.robustness]
+        seeds |= set(erase.seeds)
+        if not all(math.isfinite(c.delta.value) and math.isfinite(c.delta.low) for c in (erase, keep, robust)):
+            lines.append(f"| {v.name} | | | | | | missing: no paired seeds |")
+            continue
+        parts = [_part_verdict(erase, keep, reference_better_when_lower=False),
+                 _part_verdict(robust, keep, reference_better_when_lower=True)]
+        if all(p == "supported" for p in parts):
+            overall = "**supported**"
+        elif "contradicted" in parts:
+            overall = "**contradicted**"
+        elif any(p.startswith("trade-off") for p in parts):
+            overall = "not judged at equal retention (trade-off)"
+        else:
+            overall = "not separable at this power"
+        lines.append(f"| {v.name} | {_delta_text(erase.delta)} | {_delta_text(keep.delta)} | "
+                     f"{_delta_text(robust.delta)} | {parts[0]} | {parts[1]} | {overall} |")
+    lines += ["", f"Δ = baseline − `{ref}`, paired on identical noise over the seeds both finished "
+              f"({', '.join(map(str, sorted(seeds))) or 'none'}), 95 % intervals. A part is supported when `{ref}` is better "
+              "and does not retain less, contradicted when the baseline is better and does not retain less, not "
+              "separable when the interval contains 0, and a trade-off when the better one retains less.", ""]
+    return lines
+
+
 def _errors(cell: Cell) -> tuple[float, float]:
     if cell.method == "sd":
         return cell.sd, cell.sd
@@ -934,6 +991,7 @@ def study_section(study: GridStudy, records: list[dict[str, Any]], plot_dir: str
               + ("pooled over seeds with 95 % intervals." if pooled else
                  "mean ± sd over seeds (these records carry no per-image outcomes)."), "",
               study_table(study, records), ""]
+    lines += claim_verdicts(study, records)
     lines += comparisons_section(study, records)
     if len(study.seeds) > 1:
         lines += ["Per seed (each trial's own evaluation; seeds " + " / ".join(map(str, study.seeds)) + "):", "",

@@ -505,7 +505,8 @@ def test_methods_smoke_trials_on_a_tiny_model(tmp_path):
         assert r["metrics"]["num_unet_calls"] > 0 and "outcomes" not in r
     calls = {r["variant"]: r["metrics"]["num_unet_calls"] for r in records}
     assert calls["advunlearn"] > calls["esd"]  # its outside-in attack runs through the UNet
-    text = write_report([study], {"methods": read_records(tmp_path, "methods", features=True)},
+    assert study.name == "methods_triangle"
+    text = write_report([study], {study.name: read_records(tmp_path, study.name, features=True)},
                         tmp_path / "r.md").read_text()
     assert "| num_unet_calls |" in text and "**advunlearn vs sage**" in text
 
@@ -523,8 +524,8 @@ def test_methods_world_trial_records_outcomes_that_reproduce_its_metrics(tmp_pat
     study = with_variants(study, tuple(v for v in study.variants if v.name == "esd-x"), seeds=(1,))
     (record,) = run_local(study, tmp_path)
     assert record["status"] == "ok", record.get("error")
-    assert features_path(tmp_path, "methods", "esd-x", 1).is_file()
-    (back,) = read_records(tmp_path, "methods", features=True)
+    assert features_path(tmp_path, "methods_triangle", "esd-x", 1).is_file()
+    (back,) = read_records(tmp_path, "methods_triangle", features=True)
     out = back["outcomes"]
     assert out["eval_seed"] == 1 and out["first_seed"] == image_seeds(1, 1)[0]  # evaluation noise = trial seed
     rt = out["red_team"]["triangle"]

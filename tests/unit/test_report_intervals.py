@@ -258,3 +258,28 @@ def test_red_team_needs_a_fidelity_with_attacked_prompts():
         GridStudy(name="x", question="q", base=StudyConfig(), variants=(Variant(name="a"),), red_team=True)
     with pytest.raises(ValueError, match="reference_variant 'z' is not a variant"):
         GridStudy(name="x", question="q", base=StudyConfig(), variants=(Variant(name="a"),), reference_variant="z")
+
+
+def test_claim_verdicts_from_paired_intervals():
+    """The reference erases half of the concept images, keeps every retain image and resists the attack.
+    "strong" erases all at equal retention (contradicts the claim), "weak" erases none and is attacked
+    everywhere at equal retention (supports it), "tradeoff" erases all but loses half the retain images."""
+    from sage_dist.tune.grid import Claim
+
+    half, none_, all_ = ([1, 0] * 8, [1] * 16), ([1] * 16, [1] * 16), ([0] * 16, [1] * 16)
+    keep, lose = ([1] * 16, [1] * 16), ([0, 1] * 8, [1] * 16)
+    safe, attacked = ([0] * 8, {"prefix": [0] * 8}), ([1] * 8, {"prefix": [1] * 8})
+    design = {"ref": (half, keep, safe), "strong": (all_, keep, safe), "weak": (none_, keep, attacked),
+              "tradeoff": (all_, lose, safe)}
+    recs = [record(name, seed, out=outcomes(seed, word=d, synonyms=d, heldout=d, retain_shape=r, red_team=t))
+            for name, (d, r, t) in design.items() for seed in (0, 1, 2)]
+    s = GridStudy(name="demo", question="q", base=StudyConfig(), variants=tuple(Variant(name=n) for n in design),
+                  metrics=("RER_domain",), plot_metrics=(), reference_variant="ref",
+                  claim=Claim(text="ref is better.", erasure="RER_domain", retention="retention_acc_all",
+                              robustness="ASR_prefix"))
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.claim_verdicts(s, recs) if line.startswith("| ")}
+    assert rows["strong"].endswith("| contradicted | not separable | **contradicted** |")
+    assert rows["weak"].endswith("| supported | supported | **supported** |")
+    assert rows["tradeoff"].endswith("| trade-off (unequal retention) | not separable | not judged at equal retention "
+                                     "(trade-off) |")
+    assert report.claim_verdicts(study("a", "b", reference="a"), recs) == []  # no claim: no section
