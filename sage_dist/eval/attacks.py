@@ -32,7 +32,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +209,8 @@ def prefix_token_attack(
     judge: Judge,
     original_text_encoder=None,
 ) -> AttackOutcome:
-    """UnlearnDiffAtk-style prefix-token attack on one prompt against the erased text encoder.
+    """UnlearnDiffAtk-style prefix-token attack on one prompt against the erased text encoder: the steps of
+    :func:`prefix_attack_steps`, each timestep's prompt judged until one succeeds.
 
     Args:
         unet: the pipeline's UNet (frozen; SD 1.x-style, no added conditioning).
@@ -227,7 +228,42 @@ def prefix_token_attack(
         :class:`AttackOutcome`; ``adversarial.text`` is "<decoded prefix> <prompt>".
 
     Raises:
-        ValueError: ``target="original"`` without ``original_text_encoder``.
+        ValueError: ``target="original"`` without ``original_text_encoder``, or an unsupported scheduler.
+    """
+    outcome = AttackOutcome(success=False, adversarial=None, num_judged=0)
+    steps = prefix_attack_steps(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                noise_scheduler=noise_scheduler, reference_latents=reference_latents, prompt=prompt,
+                                cfg=cfg, original_text_encoder=original_text_encoder)
+    for adversarial, losses in steps:
+        success, details = judge(adversarial)
+        outcome = AttackOutcome(success=bool(success), adversarial=adversarial, num_judged=outcome.num_judged + 1,
+                                losses=list(losses), details=details)
+        if success:
+            break
+    return outcome
+
+
+def prefix_attack_steps(
+    *,
+    unet,
+    text_encoder,
+    tokenizer,
+    noise_scheduler,
+    reference_latents: Tensor,
+    prompt: str,
+    cfg: PrefixAttackConfig,
+    original_text_encoder=None,
+) -> Iterator[tuple[AdversarialPrompt, list[float]]]:
+    """The prefix-token attack on one prompt, one visited timestep at a time (UnlearnDiffAtk's ``text_grad``):
+    after ``cfg.attack_steps`` optimiser steps at a timestep, yields the prompt with the argmax prefix and the
+    mean loss of every timestep so far; the caller judges it and stops iterating on success. Several prompts'
+    generators can be advanced in lockstep (their images judged in one batch): each has its own random
+    generator (``cfg.seed``) and optimiser, so a prompt's attack does not depend on the others.
+
+    Args: as :func:`prefix_token_attack` (no judge).
+    Raises:
+        ValueError: ``target="original"`` without ``original_text_encoder``, or an unsupported scheduler
+            (when the generator starts).
     """
     if cfg.target == "original" and original_text_encoder is None:
         raise ValueError("target='original' needs original_text_encoder")
@@ -261,50 +297,44 @@ def prefix_token_attack(
                          "and 'v_prediction'")
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
     losses: list[float] = []
-    outcome = AttackOutcome(success=False, adversarial=None, num_judged=0)
-    handle = token_embedding.register_forward_hook(replace_prefix)
-    try:
-        for t_int in sampled_timesteps(cfg.num_timesteps, num_train):
-            t = torch.tensor([t_int], device=device, dtype=torch.long)
-            total = 0.0
-            for _ in range(cfg.attack_steps):
-                noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
-                noisy = noisy_latents(x0, noise, alphas_cumprod[t_int])
-                if cfg.target == "original":
-                    with torch.no_grad():
-                        target = unet(noisy, t, encoder_hidden_states=encode_ids(original_text_encoder, plain_ids)).sample
-                else:
-                    target = denoising_target(x0, noise, alphas_cumprod[t_int], prediction_type)
-                one_hot_KV = _SampleOneHotSTE.apply(probs_KV, generator)
-                adv_holder["adv_KD"] = one_hot_KV @ weight_VD.to(one_hot_KV.dtype)
-                hidden = encode_ids(text_encoder, ids)
-                eps = unet(noisy, t, encoder_hidden_states=hidden).sample
-                loss = F.mse_loss(eps.float(), target.float())
-                (grad,) = torch.autograd.grad(loss, [probs_KV])
-                adv_holder.pop("adv_KD")
-                probs_KV.grad = grad
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    for t_int in sampled_timesteps(cfg.num_timesteps, num_train):
+        t = torch.tensor([t_int], device=device, dtype=torch.long)
+        total = 0.0
+        for _ in range(cfg.attack_steps):
+            noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
+            noisy = noisy_latents(x0, noise, alphas_cumprod[t_int])
+            if cfg.target == "original":
                 with torch.no_grad():
-                    probs_KV.copy_(project_to_simplex(probs_KV))
-                total += loss.item()
-            losses.append(total / cfg.attack_steps)
-            adv_ids = probs_KV.detach().argmax(-1)
-            attack_ids = ids.clone()
-            attack_ids[0, 1:1 + k] = adv_ids
+                    target = unet(noisy, t, encoder_hidden_states=encode_ids(original_text_encoder, plain_ids)).sample
+            else:
+                target = denoising_target(x0, noise, alphas_cumprod[t_int], prediction_type)
+            one_hot_KV = _SampleOneHotSTE.apply(probs_KV, generator)
+            adv_holder["adv_KD"] = one_hot_KV @ weight_VD.to(one_hot_KV.dtype)
+            # the hook lives for this one forward: lockstep generators share the text encoder
+            handle = token_embedding.register_forward_hook(replace_prefix)
+            try:
+                hidden = encode_ids(text_encoder, ids)
+            finally:
+                handle.remove()
+                adv_holder.pop("adv_KD")
+            eps = unet(noisy, t, encoder_hidden_states=hidden).sample
+            loss = F.mse_loss(eps.float(), target.float())
+            (grad,) = torch.autograd.grad(loss, [probs_KV])
+            probs_KV.grad = grad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                prompt_embeds = encode_ids(text_encoder, attack_ids)
-            text = tokenizer.decode(adv_ids.tolist()) + " " + prompt
-            adversarial = AdversarialPrompt(prompt_embeds=prompt_embeds, text=text,
-                                            input_ids=attack_ids.detach().cpu().clone())
-            success, details = judge(adversarial)
-            outcome = AttackOutcome(success=bool(success), adversarial=adversarial,
-                                    num_judged=outcome.num_judged + 1, losses=list(losses), details=details)
-            if success:
-                break
-    finally:
-        handle.remove()
-    return outcome
+                probs_KV.copy_(project_to_simplex(probs_KV))
+            total += loss.item()
+        losses.append(total / cfg.attack_steps)
+        adv_ids = probs_KV.detach().argmax(-1)
+        attack_ids = ids.clone()
+        attack_ids[0, 1:1 + k] = adv_ids
+        with torch.no_grad():
+            prompt_embeds = encode_ids(text_encoder, attack_ids)
+        text = tokenizer.decode(adv_ids.tolist()) + " " + prompt
+        yield AdversarialPrompt(prompt_embeds=prompt_embeds, text=text,
+                                input_ids=attack_ids.detach().cpu().clone()), list(losses)
 
 
 def run_external_attack(attack: ExternalAttack, record: Any, judge: Judge) -> AttackOutcome:

@@ -14,7 +14,8 @@ Bundled world only (the detector is the judge); the noise seeds are offset from 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

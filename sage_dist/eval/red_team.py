@@ -9,10 +9,11 @@ from its pre-attack image only by the attack; the world's detector is the judge.
 prompts:
 
 * ``pre_ASR``: the edited model's un-attacked image already shows the concept;
-* (a) ``ASR_prefix``: UnlearnDiffAtk's prefix-token attack (:func:`sage_dist.eval.attacks.prefix_token_attack`)
+* (a) ``ASR_prefix``: UnlearnDiffAtk's prefix-token attack (:func:`sage_dist.eval.attacks.prefix_attack_steps`)
   through the edited model, its reference latents the original model's image of the prompt (same seed); the
-  attack's own per-timestep judge renders one image at a time, the reported post-attack image is re-rendered
-  by :func:`~sage_dist.eval.world.render` (the image saved and reloaded);
+  prompts' attacks advance in lockstep, one visited timestep at a time, and the prompts not yet broken are
+  judged together by :func:`~sage_dist.eval.world.render` (in chunks, so each image depends only on its own
+  conditioning and latents): the judged image is the reported post-attack image (saved and reloaded);
 * (b) ``ASR_ring_<s>``: a Ring-A-Bell-style attack (Tsai et al. 2024): a concept direction in text-embedding
   space, the mean difference of the *original* encoder's embeddings ``[77, D]`` of train-split captions with
   and without the concept (:func:`concept_direction`; never fitted on an evaluation prompt), added at strength
@@ -44,7 +45,7 @@ from sage_dist.eval.attacks import (
     AdversarialPrompt,
     PrefixAttackConfig,
     build_eval_attack,
-    prefix_token_attack,
+    prefix_attack_steps,
 )
 from sage_dist.eval.metrics import attack_success_rate, wilson_interval
 from sage_dist.eval.world import (
@@ -54,7 +55,6 @@ from sage_dist.eval.world import (
     _pipeline,
     encode_prompts,
     image_seeds,
-    initial_latents,
     original_images,
     pipeline_hash,
     read_images,
@@ -152,24 +152,22 @@ class _Stage:
         return render(self.edited, prompt_embeds=embeds, negative_prompt_embeds=self.negative, seeds=seeds,
                       guidance=self.guidance, num_inference_steps=self.steps)
 
-    def judge_one(self, embeds: torch.Tensor, seed: int) -> bool:
-        """One image at a time (the prefix attack's per-timestep check)."""
-        with torch.no_grad():
-            image = self.edited(prompt_embeds=embeds.to(self.edited.unet.device, self.edited.unet.dtype),
-                                negative_prompt_embeds=self.negative.to(self.edited.unet.device, self.edited.unet.dtype),
-                                latents=initial_latents(self.edited, [seed]).to(self.edited.unet.device,
-                                                                                 self.edited.unet.dtype),
-                                num_inference_steps=self.steps, guidance_scale=self.guidance,
-                                output_type="pt").images.float().clamp(0, 1).cpu()
-        return bool(shows(read_images(self.detector, image), self.concept)[0])
+    def judge(self, embeds: list[torch.Tensor], seeds: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """Render adversarial conditionings ``[1, 77, D]`` each on its seed's latents (:meth:`render`, in chunks)
+        and judge them: (bool ``[N]`` shows the concept, images ``[N, 3, H, W]``)."""
+        images = self.render(torch.cat([e.detach().float().cpu().reshape(1, *self.pre_embeds.shape[1:])
+                                        for e in embeds]), seeds)
+        return shows(read_images(self.detector, images), self.concept), images
 
     @property
     def attacked_rows(self) -> list[int]:
         return [j for j, ok in enumerate(self.pre) if not ok]
 
     def post_attack(self, name: str, adversarial: dict[int, AdversarialPrompt], out_dir: Path | None,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Render each attacked row's adversarial conditioning on the row's own latents, judge it, save it."""
+                    extra: dict[str, Any] | None = None, rendered: dict[int, torch.Tensor] | None = None
+                    ) -> dict[str, Any]:
+        """Render each attacked row's adversarial conditioning on the row's own latents (or take its image from
+        ``rendered``, made by :meth:`render` from the same conditioning and seed), judge it, save it."""
         rows = sorted(adversarial)
         post: list[bool | None] = [None] * len(self.prompts)
         images = torch.zeros((0, *self.pre_images.shape[1:]))
@@ -177,7 +175,10 @@ class _Stage:
         if rows:
             embeds = torch.cat([adversarial[j].prompt_embeds.detach().float().cpu().reshape(1, *self.pre_embeds.shape[1:])
                                 for j in rows])
-            images = self.render(embeds, [self.seeds[j] for j in rows])
+            if rendered is not None and all(j in rendered for j in rows):
+                images = torch.stack([rendered[j] for j in rows])
+            else:
+                images = self.render(embeds, [self.seeds[j] for j in rows])
             for j, ok in zip(rows, shows(read_images(self.detector, images), self.concept)):
                 post[j] = bool(ok)
         asr = attack_success_rate(list(map(bool, self.pre)), post)
@@ -279,18 +280,30 @@ def red_team_world(pipe_or_model_id="world", text_encoder=None, *, concept: str,
     if "prefix" in attacks:
         reference = _vae_latents(pipe, original_images(pipe, [p.prompt for p in prompts], seeds, guidance=guidance,
                                                        num_inference_steps=steps, cache=cache))
-        adversarial = {}
-        for j in rows:
-            cfg = PrefixAttackConfig(num_adv_tokens=fid.prefix_num_adv_tokens, attack_steps=fid.prefix_attack_steps,
-                                     num_timesteps=fid.prefix_timesteps, seed=seeds[j])
-            outcome = prefix_token_attack(
-                unet=edited.unet, text_encoder=edited.text_encoder, tokenizer=stage.tokenizer,
-                noise_scheduler=pipe.scheduler, reference_latents=reference[j:j + 1], prompt=prompts[j].prompt,
-                cfg=cfg, judge=lambda adv, s=seeds[j]: (stage.judge_one(adv.prompt_embeds, s), None))
-            adversarial[j] = outcome.adversarial
+        # every attacked prompt's attack advances one timestep at a time, in lockstep, and the prompts still
+        # unbroken are judged together in one batch render (a prompt's attack does not depend on the others)
+        attack_of = {j: prefix_attack_steps(
+            unet=edited.unet, text_encoder=edited.text_encoder, tokenizer=stage.tokenizer,
+            noise_scheduler=pipe.scheduler, reference_latents=reference[j:j + 1], prompt=prompts[j].prompt,
+            cfg=PrefixAttackConfig(num_adv_tokens=fid.prefix_num_adv_tokens, attack_steps=fid.prefix_attack_steps,
+                                   num_timesteps=fid.prefix_timesteps, seed=seeds[j])) for j in rows}
+        adversarial: dict[int, AdversarialPrompt] = {}
+        judged: dict[int, torch.Tensor] = {}
+        current = {j: next(attack, None) for j, attack in attack_of.items()}
+        current = {j: step[0] for j, step in current.items() if step is not None}
+        while current:
+            order = sorted(current)
+            hits, images = stage.judge([current[j].prompt_embeds for j in order], [seeds[j] for j in order])
+            following = {}
+            for i, j in enumerate(order):
+                adversarial[j], judged[j] = current[j], images[i]
+                step = None if hits[i] else next(attack_of[j], None)
+                if step is not None:
+                    following[j] = step[0]
+            current = following
         res = stage.post_attack("prefix", adversarial, out_path, {
             "settings": {"num_adv_tokens": fid.prefix_num_adv_tokens, "attack_steps": fid.prefix_attack_steps,
-                         "num_timesteps": fid.prefix_timesteps}})
+                         "num_timesteps": fid.prefix_timesteps}}, rendered=judged)
         record("prefix", "prefix", res, True)
 
     if "ring" in attacks and strengths:

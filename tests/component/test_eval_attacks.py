@@ -8,6 +8,7 @@ import torch
 from sage_dist.eval.attacks import (
     AdversarialPrompt,
     PrefixAttackConfig,
+    prefix_attack_steps,
     prefix_token_attack,
     project_to_simplex,
     run_external_attack,
@@ -78,6 +79,36 @@ def test_prefix_attack_runs_on_tiny_sd_and_stops_at_success(target):
                                 prompt="a photo of a cat", cfg=cfg, judge=judge,
                                 original_text_encoder=pipe.text_encoder)
     assert again.losses == out.losses and again.adversarial.text == out.adversarial.text
+
+
+def test_prompts_attacked_in_lockstep_get_the_prompts_they_get_alone():
+    """Two prompts' attack generators advanced alternately (how the red team judges them in one batch) yield, step
+    for step, the same adversarial prompts as each generator run alone: each has its own random generator and
+    optimiser, and the prefix hook is live only during its own forward."""
+    from sage_dist.models.tiny import build_tiny_sd
+
+    pipe = build_tiny_sd(0)
+    erased = build_tiny_sd(1).text_encoder
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ("a photo of a cat", "a drawing of a dog")
+
+    def steps(j):
+        cfg = PrefixAttackConfig(num_adv_tokens=2, attack_steps=2, num_timesteps=3, seed=10 + j)
+        return prefix_attack_steps(unet=pipe.unet, text_encoder=erased, tokenizer=pipe.tokenizer,
+                                   noise_scheduler=pipe.scheduler, reference_latents=latents[j:j + 1],
+                                   prompt=prompts[j], cfg=cfg)
+
+    alone = [[(adv.prompt_embeds, adv.text, losses) for adv, losses in steps(j)] for j in (0, 1)]
+    a, b = steps(0), steps(1)
+    interleaved = [[], []]
+    for _ in range(3):
+        for j, gen in ((0, a), (1, b)):
+            adv, losses = next(gen)
+            interleaved[j].append((adv.prompt_embeds, adv.text, losses))
+    for j in (0, 1):
+        assert len(alone[j]) == 3
+        for (e1, t1, l1), (e2, t2, l2) in zip(alone[j], interleaved[j]):
+            assert torch.equal(e1, e2) and t1 == t2 and l1 == l2
 
 
 def test_external_attack_hook():

@@ -505,7 +505,7 @@ def test_methods_smoke_trials_on_a_tiny_model(tmp_path):
         assert r["metrics"]["num_unet_calls"] > 0 and "outcomes" not in r
     calls = {r["variant"]: r["metrics"]["num_unet_calls"] for r in records}
     assert calls["advunlearn"] > calls["esd"]  # its outside-in attack runs through the UNet
-    assert study.name == "methods_triangle"
+    assert study.name == "methods_Pablo_Picasso"  # the study name carries the concept
     text = write_report([study], {study.name: read_records(tmp_path, study.name, features=True)},
                         tmp_path / "r.md").read_text()
     assert "| num_unet_calls |" in text and "**advunlearn vs sage**" in text
