@@ -27,7 +27,8 @@ Model Registry.
 
 Per-trial budget on the world (2 cores): ``sage_dist.presets.WORLD_SEARCH`` (48 steps; the spec's 1000 steps
 at 1e-5 is for SD), scored at ``sage_dist.presets.WORLD_SEARCH_EVAL``; the front is re-scored at
-``sage_dist.presets.WORLD_EVAL_FULL``. Why this space (measured spreads: ``reports/main_job.md``): at 48 steps
+``sage_dist.presets.WORLD_EVAL_FULL``. Runtime on 2 cores: 552 s for the 12 trials and the re-scoring of 4
+(reports/main_job.md). Why this space (measured spreads: ``reports/main_job.md``): at 48 steps
 the learning rate decides how far the encoder moves, from no retention loss and little robust erasure
 (3e-4) to near-complete robust erasure at a retention cost (1e-3 and above), and γt above ~1 costs
 retention without buying robustness, so γt is searched around the spec's 0.4 and lr is searched with it.
