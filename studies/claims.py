@@ -25,15 +25,58 @@ Expected runtime: see above; the default (everything) is budgeted for a GPU clus
 
 import argparse
 import functools
+import os
 import sys
+from pathlib import Path
 
 import ablations
 import methods
 
-from sage_dist.cli.studies import main
+from sage_dist.cli.studies import main, prepare
 
 CLAIM_SEEDS = "0,1,2,3,4"
 """Seeds of every claims study unless --seeds is given (the issue's 5 seeds)."""
+
+
+def plot_by_concept(grid_studies: list, out_dir: Path, report: Path,
+                    metrics: tuple[str, ...] = ("RER_domain", "retention_acc_all", "ASR_prefix")) -> Path | None:
+    """Bars per method and concept (the methods studies), error bars the pooled 95 % intervals; the PNG goes
+    to ``<report stem>_plots/methods_by_concept.png`` and is linked at the end of the report. None without a
+    methods study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sage_dist.tune.grid import read_records
+    from sage_dist.tune.report import variant_cell, variant_records
+
+    chosen = [s for s in grid_studies if s.name.startswith("methods_")]
+    if not chosen:
+        return None
+    names = [v.name for v in chosen[0].variants]
+    groups = {s.name: variant_records(s, read_records(out_dir, s.name, features=True)) for s in chosen}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    width = 0.8 / len(names)
+    for ax, metric in zip(axes[0], metrics):
+        for i, name in enumerate(names):
+            cells = [variant_cell(metric, groups[s.name][name], len(s.seeds)) for s in chosen]
+            values = np.array([c.value for c in cells])
+            err = np.array([[c.value - c.low, c.high - c.value] if np.isfinite(c.low) else [0, 0] for c in cells]).T
+            ax.bar(np.arange(len(chosen)) + (i - (len(names) - 1) / 2) * width, values, width, yerr=err, capsize=2,
+                   label=name)
+        ax.set_xticks(range(len(chosen)), [s.base.erase.erase_concept[0] for s in chosen])
+        ax.set_title(f"{metric} (95 % CI)", fontsize=10)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = report.parent / f"{report.stem}_plots" / "methods_by_concept.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    with report.open("a") as f:
+        f.write(f"## Methods by concept\n\n![methods by concept]({path.parent.name}/{path.name})\n")
+    return path
 
 
 def studies(concepts: list[str], parts: list[str], ablation_concept: str) -> list:
@@ -46,23 +89,38 @@ def studies(concepts: list[str], parts: list[str], ablation_concept: str) -> lis
     return out
 
 
-if __name__ == "__main__":
+def parse_claims_args(argv: list[str]) -> tuple[list, list[str]]:
+    """``(study functions, the rest of argv for the grid studies' command line)``; the seeds default to
+    :data:`CLAIM_SEEDS` (not under ``--smoke-test``).
+
+    Raises:
+        ValueError: an unknown part, or a concept named twice (two studies would share a name).
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--concepts", default="triangle,red,striped")
     pre.add_argument("--parts", default="methods,ablations")
     pre.add_argument("--ablation-concept", default="triangle")
-    known, argv = pre.parse_known_args(sys.argv[1:])
+    known, rest = pre.parse_known_args(argv)
     parts = [p.strip() for p in known.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"methods", "ablations"}
-    if unknown or not parts:
-        sys.exit(f"claims.py: error: --parts {known.parts!r}: choose from methods, ablations")
+    if not parts or set(parts) - {"methods", "ablations"}:
+        raise ValueError(f"--parts {known.parts!r}: choose from methods, ablations")
     concepts = [c.strip() for c in known.concepts.split(",") if c.strip()]
-    if len(set(concepts)) != len(concepts) or not concepts:
-        sys.exit(f"claims.py: error: --concepts {known.concepts!r}: name each concept once")
-    if "--seeds" not in argv and not any(a.startswith("--seeds=") for a in argv) and "--smoke-test" not in argv:
-        argv += ["--seeds", CLAIM_SEEDS]
-    main(studies(concepts, parts, known.ablation_concept), argv,
-         description=__doc__ + "\nclaims.py options: --concepts a,b,c  --parts methods,ablations  "
-                               "--ablation-concept c",
-         title="The paper's claims on the bundled world", default_out="claims",
-         default_report="reports/claims_tables.md", experiment_prefix="claims.")
+    if not concepts or len(set(concepts)) != len(concepts):
+        raise ValueError(f"--concepts {known.concepts!r}: name each concept once")
+    if "--smoke-test" not in rest and not any(a == "--seeds" or a.startswith("--seeds=") for a in rest):
+        rest = [*rest, "--seeds", CLAIM_SEEDS]
+    return studies(concepts, parts, known.ablation_concept), rest
+
+
+if __name__ == "__main__":
+    try:
+        fns, argv = parse_claims_args(sys.argv[1:])
+    except ValueError as err:
+        sys.exit(f"claims.py: error: {err}")
+    description = __doc__ + "\nclaims.py options: --concepts a,b,c  --parts methods,ablations  --ablation-concept c"
+    report = main(fns, argv, description=description, title="The paper's claims on the bundled world",
+                  default_out="claims", default_report="reports/claims_tables.md", experiment_prefix="claims.")
+    if "--from-mlflow" not in argv:
+        args, grid_studies = prepare(fns, argv, description)
+        out = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / "claims").expanduser()
+        plot_by_concept(grid_studies, out.resolve(), Path(report))

@@ -583,3 +583,21 @@ def test_ablation_world_trial_measures_the_drift_of_its_found_prompts(tmp_path):
     cell = report.variant_cell("found_prompt_concept_rate", vr, expected=1)
     assert cell.method == "wilson" and (cell.low, cell.high) == pytest.approx(
         (m["found_prompt_concept_rate_ci95_lo"], m["found_prompt_concept_rate_ci95_hi"]))
+
+
+# ---- the claims launcher (studies/claims.py) -----------------------------------------------------------------
+def test_claims_builds_one_study_per_concept_and_the_ablations_with_five_seeds():
+    from sage_dist.cli.studies import prepare
+
+    sys.path.insert(0, str(REPO / "studies"))
+    module = load_study_module("claims")
+    fns, argv = module.parse_claims_args(["--concepts", "triangle,red", "--out", "x"])
+    _, studies = prepare(fns, argv, "d")
+    assert [s.name for s in studies] == ["methods_triangle", "methods_red", "ablations_triangle"]
+    assert all(s.seeds == (0, 1, 2, 3, 4) for s in studies) and studies[1].base.erase.erase_concept == ("red",)
+    fns, argv = module.parse_claims_args(["--parts", "ablations", "--seeds", "0"])
+    assert [s.name for s in prepare(fns, argv, "d")[1]] == ["ablations_triangle"] and argv[-2:] == ["--seeds", "0"]
+    with pytest.raises(ValueError, match="name each concept once"):
+        module.parse_claims_args(["--concepts", "red,red"])
+    with pytest.raises(ValueError, match="choose from methods, ablations"):
+        module.parse_claims_args(["--parts", "methods,baselines"])
