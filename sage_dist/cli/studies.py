@@ -220,9 +220,13 @@ def _report_from_mlflow(studies: list[GridStudy], tracking_uri: str, experiment_
     check_tracking_reachable(resolve_tracking(tracking_uri))
     with tempfile.TemporaryDirectory(prefix="sage_report_from_mlflow_") as tmp:
         found = [records_from_mlflow(s, tracking_uri, experiment_prefix + s.name, tmp) for s in studies]
+        if not any(f.found for f in found):
+            raise ValueError(f"none of the experiments {[f.experiment for f in found]} exists at "
+                             f"{tracking_uri or 'the local store'}: give the --tracking-uri the studies logged to")
         records = {s.name: _grid_records(s, Path(tmp)) for s in studies}
-        sources = "; ".join(f"experiment `{f.experiment}`: {f.runs} trial runs, {f.without_record} without a record, "
-                            f"{f.other_config} of another configuration" for f in found)
+        sources = "; ".join(f"experiment `{f.experiment}`: " + (f"{f.runs} trial runs, {f.without_record} without a "
+                            f"record, {f.other_config} of another configuration" if f.found else "not found")
+                            for f in found)
         preamble = (f"Rebuilt from MLflow alone by `{' '.join(['python', sys.argv[0], *sys.argv[1:]])}` "
                     f"({tracking_uri or 'local store'}; {sources}).")
         path = write_report(studies, records, report, title=title, preamble=preamble)

@@ -46,6 +46,8 @@ class MlflowRecords:
     """Trial runs without a record artifact (killed before they ended, or logged by an older version)."""
     other_config: int
     """Records whose configuration matches no cell of the study (another concept, budget, seeds)."""
+    found: bool = True
+    """Whether the experiment exists."""
 
 
 def records_from_mlflow(study, tracking_uri: str, experiment: str, out_dir: str | Path) -> MlflowRecords:
@@ -56,17 +58,19 @@ def records_from_mlflow(study, tracking_uri: str, experiment: str, out_dir: str 
         study: the :class:`~sage_dist.tune.grid.GridStudy` whose cells are looked for.
         tracking_uri: as ``--tracking-uri`` ("" = the local store).
         experiment: the study's MLflow experiment, e.g. ``claims.methods``.
+    Returns:
+        What was found (an experiment that does not exist: ``found=False``, no records).
     Raises:
-        ValueError: the experiment does not exist.
         ConnectionError: the tracking server does not answer (from MLflow's client).
     """
     from sage_dist.tune.grid import grid_cells, trial_path
 
     client = tracking_client(resolve_tracking(tracking_uri).tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"MLflow experiment {experiment!r} not found at {tracking_uri or 'the local store'}: "
-                         "give the --tracking-uri the study logged to")
+    if exp is None:  # nothing of this study was logged here: every cell reads missing
+        log.warning("MLflow experiment %r not found at %s: every cell of %s reads missing", experiment,
+                    tracking_uri or "the local store", study.name)
+        return MlflowRecords(experiment=experiment, runs=0, without_record=0, other_config=0, found=False)
     wanted = {_normalised(study.variant_config(v, seed).to_flat_dict()): (v.name, seed) for v, seed in grid_cells(study)}
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.study = '{study.name}'", max_results=5000,
                               order_by=["attributes.start_time ASC"])
