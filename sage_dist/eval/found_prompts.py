@@ -46,7 +46,7 @@ def found_prompt_concept_rate(pipe, conditioner: TextConditioner, prompts: Seque
         seeds_per_prompt: images per prompt.
     Returns:
         ``found_prompt_concept_rate`` (float in [0, 1]), ``_ci95`` (Wilson, over images), ``_n`` (images),
-        ``found_prompts`` (prompts judged).
+        ``_k`` (images that show the concept), ``found_prompts`` (prompts judged).
     Raises:
         ValueError: no prompts, ``seeds_per_prompt < 1``, or an unknown concept.
     """
@@ -67,4 +67,4 @@ def found_prompt_concept_rate(pipe, conditioner: TextConditioner, prompts: Seque
     hits = shows(read_images(detector, images), concept)
     k, n = int(hits.sum()), int(hits.size)
     return {"found_prompt_concept_rate": k / n, "found_prompt_concept_rate_ci95": list(wilson_interval(k, n)),
-            "found_prompt_concept_rate_n": n, "found_prompts": len(prompts)}
+            "found_prompt_concept_rate_n": n, "found_prompt_concept_rate_k": k, "found_prompts": len(prompts)}

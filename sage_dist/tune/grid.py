@@ -384,7 +384,6 @@ def found_prompt_metrics(result, pipe, concepts: tuple[str, ...], *, seed: int) 
             continue
         drift = found_prompt_concept_rate(pipe, eraser.conditioner, found, concept=c, seed=seed)
         values = flat_metrics(drift)
-        values["found_prompt_concept_rate_k"] = round(drift["found_prompt_concept_rate"] * drift["found_prompt_concept_rate_n"])
         prefix = f"{c}/" if len(concepts) > 1 else ""
         out.update({f"{prefix}{k}": v for k, v in values.items()})
     return out
