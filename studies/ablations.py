@@ -22,8 +22,9 @@ Another concept:                                   python studies/ablations.py -
 One part at a time (budget):                       python studies/ablations.py --variants sage,h1_only,h2_only
 Smoke test (~3 min on 2 cores):                    python studies/ablations.py --smoke-test --local
 Rebuild the report from the trial records:         python studies/ablations.py --report-only
-Expected runtime: ~6 min per trial on 2 cores (training ~2 min, 5-6 with fresh rollouts; the full evaluation
-with the red team ~3-4 min), so ~2.5 h for 27 trials: split it with --variants / --seeds.
+Expected runtime: measured for seed 0 (reports/claims.md): training 55-93 s of CPU per variant, 198 s with
+"topk_all"; with the full evaluation and red team the 9 variants took ~40 min of 2 cores (run beside the
+methods study), so 3 seeds take ~2 h: split them with --variants / --seeds.
 """
 
 from sage_dist.cli.studies import main
