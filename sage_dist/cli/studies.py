@@ -102,6 +102,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def output_folder(out: str, default_out: str = "open_questions") -> Path:
+    """The studies' output folder: ``--out`` if given, else ``$SAGE_DIST_STORAGE/<default_out>`` (``runs/`` when
+    unset), absolute."""
+    folder = Path(out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / default_out)
+    return folder.expanduser().resolve()
+
+
 def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
     """Parse ``argv`` and build the studies (validated, before Ray starts); returns ``(args, studies)``.
 
@@ -157,8 +164,7 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     parser = build_parser(description)
     try:
         args, studies = prepare(fns, argv, description)
-        out_dir = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / default_out)
-        out_dir = out_dir.expanduser().resolve()
+        out_dir = output_folder(args.out, default_out)
         # studies sharing an output folder (the claims, the open questions) keep one report each
         report = Path(args.report or default_report
                       or out_dir / (f"{studies[0].name}.md" if len(studies) == 1 else "report.md"))
