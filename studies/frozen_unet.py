@@ -32,12 +32,14 @@ def study(model: str = "world") -> GridStudy:
         name="frozen_unet", question="What does a frozen UNet cost? SAGE (text encoder) vs ESD-x (UNet cross-attention)",
         hypothesis=__doc__.split("Hypothesis: ")[1].split("\n\n")[0].replace("\n", " "),
         base=config(model), variants=variants,
-        metrics=("RER_word", "RER_domain", "RER_heldout", "retention_acc", "KID", "RER_domain_after_encoder_swap",
-                 "s_per_step"),
+        metrics=("RER_word", "RER_domain", "RER_heldout", "retention_acc", "retention_acc_all", "KID",
+                 "RER_domain_after_encoder_swap", "s_per_step"),
+        quick_eval=False,
         plot_metrics=("RER_domain", "retention_acc", "RER_domain_after_encoder_swap"),
         smoke_variants=tuple(f"{m}-{style_concepts(model)[0].replace(' ', '_')}" for m in ("sage", "esd-x")),
-        notes="`RER_domain_after_encoder_swap`: RER once a white-box user restores the original text encoder; for "
-              "a text-encoder edit that pipeline is the original model (0 by construction), ESD-x is unaffected.")
+        notes="Full world fidelity (160 concept-domain images, 32 of them of the word, and 256 held-out retain "
+              "images per seed). `RER_domain_after_encoder_swap`: RER once a white-box user restores the original "
+              "text encoder; for a text-encoder edit that pipeline is the original model (0 by construction), ESD-x is unaffected.")
 
 
 if __name__ == "__main__":

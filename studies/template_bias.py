@@ -31,7 +31,7 @@ from sage_dist.presets import study_base
 from sage_dist.tune.concepts import single_concept
 from sage_dist.tune.grid import GridStudy, Variant
 
-STEPS = 30
+STEPS = 60
 """Erase steps per trial on the world (warm-up a third of them): the calibration run's choice."""
 
 

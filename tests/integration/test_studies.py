@@ -273,6 +273,31 @@ def _world_smoke_trial(name: str, variant_name: str) -> dict:
 def test_world_smoke_trial_template_bias_mined_library():
     m = _world_smoke_trial("template_bias", "mined-coco")["metrics"]
     assert m["concept_rate_heldout"] == pytest.approx(1 - m["erasure_rate_heldout"])
+    assert m["ASR_prefix_n"] == 2 and 0 <= m["ASR_prefix"] <= 1  # the independent red team judges it
+
+
+def test_template_bias_calibration_chooses_the_budget_whose_asr_can_move_either_way():
+    sys.path.insert(0, str(REPO / "studies"))
+    module = load_study_module("template_bias_calibration")
+    study = module.study()
+    assert [study.variant_config(v, 0).optim.num_steps for v in study.variants] == [15, 30, 60]
+    assert study.red_team and study.fidelity.name == "full" and study.seeds == (0,)
+
+    def record(steps, asr, lo, rer, status="ok"):
+        return {"variant": f"steps-{steps}", "status": status,
+                "metrics": {"ASR_prefix": asr, "ASR_prefix_ci95_lo": lo, "ASR_prefix_ci95_hi": min(1, asr + .2),
+                            "RER_domain": rer}}
+
+    # 15 steps: closest to 0.5 but erases too little; 60: ASR interval touches 0; 30 wins
+    steps, reason = module.choose_budget([record(15, 0.5, 0.3, 0.4), record(30, 0.25, 0.1, 0.8),
+                                          record(60, 0.03, 0.0, 0.95)])
+    assert steps == 30 and "chosen: 30 steps" in reason and "15 steps: ASR_prefix 0.5" in reason
+    # a tie in distance from 0.5 goes to fewer steps; a failed trial never qualifies
+    assert module.choose_budget([record(30, 0.4, 0.2, 0.9), record(60, 0.6, 0.4, 0.9),
+                                 record(15, 0.5, 0.3, 0.9, status="failed")])[0] == 30
+    steps, reason = module.choose_budget([record(60, 0.0, 0.0, 1.0)])
+    assert steps is None and "no budget qualifies" in reason
+    assert load_study_module("template_bias").STEPS in module.BUDGETS  # the study runs at a calibrated budget
 
 
 @needs_world
