@@ -38,11 +38,12 @@ def shared_dir() -> Path:
 
 
 # ---- process exit -------------------------------------------------------------------------------------------
-# Tests that start Ray in this process leave its gRPC and core-worker native threads alive after ray.shutdown()
-# (8 more threads than before ray.init, measured); CPython's teardown of modules under live native threads can crash the process after
-# every result is final (a CI run printed "578 passed" and then exited 139). The session therefore ends by
-# running the exit handlers and leaving without that teardown, with pytest's own exit status; a crash in an
-# exit handler still kills the run, and then prints every thread's stack.
+# Tests that start Ray in this process leave its gRPC and core-worker native threads running after ray.shutdown()
+# (8 more threads than before ray.init); CPython's module teardown under live native threads can crash the
+# process once every result is final (exit status 139 after a green summary). The session therefore ends by
+# running the exit handlers and leaving without that teardown, with pytest's own exit status; a crash in an exit
+# handler still fails the run and prints every thread's stack. SAGE_DIST_TEST_FULL_TEARDOWN=1 keeps the normal
+# interpreter exit (to look for what crashes there).
 _EXIT_STATUS: int | None = None
 
 
@@ -59,6 +60,9 @@ def pytest_unconfigure(config):
 
     if _EXIT_STATUS is None or os.environ.get("SAGE_DIST_TEST_FULL_TEARDOWN"):
         return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # its cleanup would run after this hook: give the terminal its file descriptors back
+        capture.stop_global_capturing()
     faulthandler.enable(file=sys.__stderr__, all_threads=True)
     atexit._run_exitfuncs()
     sys.stdout.flush()
