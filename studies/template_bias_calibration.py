@@ -7,7 +7,7 @@ independent red team, seed 0, and chooses the budget by :func:`choose_budget`: a
 the concept (RER_domain >= 0.5) and whose prefix-attack ASR interval excludes 0, the one whose ASR is closest
 to 0.5 (where a binomial rate has the most room to differ, in either direction). The choice is printed and
 added to the report; ``studies/template_bias.py`` uses it as ``STEPS``.
-Hypothesis: more steps lower the ASR; the study's 30 steps leave it between 0 and 1.
+Hypothesis: more steps lower the ASR, and at least one budget of the three leaves it between 0 and 1.
 
 Command (world, 3 trials):       python studies/template_bias_calibration.py
 Smoke test (~1 min):             python studies/template_bias_calibration.py --smoke-test --local
