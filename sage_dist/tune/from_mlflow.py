@@ -71,7 +71,9 @@ def records_from_mlflow(study, tracking_uri: str, experiment: str, out_dir: str 
         log.warning("MLflow experiment %r not found at %s: every cell of %s reads missing", experiment,
                     tracking_uri or "the local store", study.name)
         return MlflowRecords(experiment=experiment, runs=0, without_record=0, other_config=0, found=False)
-    wanted = {_normalised(study.variant_config(v, seed).to_flat_dict()): (v.name, seed) for v, seed in grid_cells(study)}
+    # by cell, not by configuration: two variants may share one (encoder 1 alone and the transfer test differ only
+    # in their procedure)
+    wanted = {(v.name, seed): _normalised(study.variant_config(v, seed).to_flat_dict()) for v, seed in grid_cells(study)}
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.study = '{study.name}'", max_results=5000,
                               order_by=["attributes.start_time ASC"])
     chosen: dict[tuple[str, int], tuple[dict[str, Any], Path]] = {}
@@ -85,8 +87,8 @@ def records_from_mlflow(study, tracking_uri: str, experiment: str, out_dir: str 
                 continue
             folder = Path(client.download_artifacts(run.info.run_id, RECORD_ARTIFACT_DIR, tmp + f"/{run.info.run_id}"))
             record = json.loads((folder / Path(json_names[0]).name).read_text())
-            cell = wanted.get(_normalised(record.get("config", {})))
-            if cell is None or cell != (record["variant"], record["seed"]):
+            cell = (record.get("variant"), record.get("seed"))
+            if wanted.get(cell) != _normalised(record.get("config", {})):
                 other += 1
                 continue
             previous = chosen.get(cell)
