@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,9 +31,19 @@ RECORD_ARTIFACT_DIR = "trial_record"
 
 
 def _normalised(config: dict[str, Any]) -> str:
-    """A configuration as comparable text; where it was tracked (``tracking.*``) does not change the numbers."""
-    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()
-                       if not k.startswith("tracking.")}, sort_keys=True, default=str)
+    """A configuration as comparable text; where it was tracked (``tracking.*``) and where the package was
+    installed (a path to a file shipped in ``sage_dist/``, e.g. the mined template library) do not change the
+    numbers."""
+    def value(v):
+        if isinstance(v, tuple):
+            return list(v)
+        return _PACKAGE_PATH.sub("sage_dist/", v) if isinstance(v, str) else v
+
+    return json.dumps({k: value(v) for k, v in config.items() if not k.startswith("tracking.")}, sort_keys=True,
+                      default=str)
+
+
+_PACKAGE_PATH = re.compile(r"^.*/sage_dist/")
 
 
 @dataclass

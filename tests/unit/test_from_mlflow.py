@@ -40,3 +40,12 @@ def test_variants_with_one_configuration_each_get_their_own_records(tmp_path):
     assert (found.runs, found.without_record, found.other_config) == (3, 0, 1)
     got = {r["variant"]: r["metrics"]["RER_domain"] for r in read_records(tmp_path / "out", "twins")}
     assert got == {"alone": 0.25, "transferred": 0.75}
+
+
+def test_a_shipped_file_matches_wherever_the_package_is_installed():
+    from sage_dist.tune.from_mlflow import _normalised
+
+    here = {"attack.template_library": "/work/a/sage_dist/attack/data/coco_mined_templates.txt", "optim.lr": 1e-3}
+    there = {**here, "attack.template_library": "/tmp/b/sage_dist/attack/data/coco_mined_templates.txt"}
+    other = {**here, "attack.template_library": "/tmp/b/sage_dist/attack/data/other.txt"}
+    assert _normalised(here) == _normalised(there) != _normalised(other)
