@@ -3,13 +3,15 @@
 Launches studies/multi_concept.py, dual_encoder.py, template_bias.py and frozen_unet.py as four Ray Tune
 experiments at once (each ``Tuner.fit()`` in its own Ray task, trials at --cpus-per-trial CPUs each, several at
 a time), logs each to its own MLflow experiment (``open_questions.<study>``) and writes
-``reports/open_questions.md`` with tables (mean ± std over 3 seeds) and plots (``reports/open_questions_plots/``).
+one report with tables (cells pooled over the seeds with 95 % intervals, paired differences) and plots;
+``reports/open_questions.md`` holds the answers, ``reports/open_questions_tables.md`` the generated tables.
 
-Command (bundled world, 57 trials):  python studies/open_questions.py
+Command (bundled world, 2 seeds, 38 trials): python studies/open_questions.py --seeds 0,1
+(first, once: python studies/template_bias_calibration.py, which chose the template-bias budget)
 Smoke test (<= 5 min on 2 cores):    python studies/open_questions.py --smoke-test --report /tmp/oq_smoke.md
 Real models (GPU cluster):           python studies/open_questions.py --model CompVis/stable-diffusion-v1-4
                                      (the dual-encoder study runs on its SDXL counterpart, SDXL base 1.0)
-Expected runtime: <= 45 min on 2 cores (world), measured per-trial costs in the README's studies section.
+Expected runtime: 52 min on 2 cores for 2 seeds (measured, reports/open_questions.md); ~78 min for 3.
 """
 
 # run as a script, this file's folder is on the import path: the four study files import by name
@@ -23,5 +25,5 @@ from sage_dist.cli.studies import main
 STUDIES = [multi_concept.study, dual_encoder.study, template_bias.study, frozen_unet.study]
 
 if __name__ == "__main__":
-    main(STUDIES, description=__doc__, default_report="reports/open_questions.md",
+    main(STUDIES, description=__doc__, default_report="reports/open_questions_tables.md",
          title="Open questions of SAGE, answered on the bundled world")
