@@ -37,13 +37,18 @@ def _normalised(config: dict[str, Any]) -> str:
     def value(v):
         if isinstance(v, tuple):
             return list(v)
-        return _PACKAGE_PATH.sub("sage_dist/", v) if isinstance(v, str) else v
+        if isinstance(v, str) and (m := _PACKAGE_PATH.match(v)) and (_PACKAGE / m.group(1)).is_file():
+            return f"sage_dist/{m.group(1)}"
+        return v
 
     return json.dumps({k: value(v) for k, v in config.items() if not k.startswith("tracking.")}, sort_keys=True,
                       default=str)
 
 
-_PACKAGE_PATH = re.compile(r"^.*/sage_dist/")
+_PACKAGE = Path(__file__).resolve().parents[1]
+"""This installation's ``sage_dist`` folder."""
+_PACKAGE_PATH = re.compile(r"^.*/sage_dist/(.+)$")
+"""A path into some installation's ``sage_dist`` folder; only files this package ships are read as equal."""
 
 
 @dataclass

@@ -47,5 +47,8 @@ def test_a_shipped_file_matches_wherever_the_package_is_installed():
 
     here = {"attack.template_library": "/work/a/sage_dist/attack/data/coco_mined_templates.txt", "optim.lr": 1e-3}
     there = {**here, "attack.template_library": "/tmp/b/sage_dist/attack/data/coco_mined_templates.txt"}
-    other = {**here, "attack.template_library": "/tmp/b/sage_dist/attack/data/other.txt"}
+    other = {**here, "attack.template_library": "/tmp/b/sage_dist/attack/data/templates_other.txt"}
+    user = {**here, "attack.template_library": "/home/u/sage_dist/my_templates.txt"}  # not shipped: kept as given
+    user_elsewhere = {**here, "attack.template_library": "/srv/sage_dist/my_templates.txt"}
     assert _normalised(here) == _normalised(there) != _normalised(other)
+    assert _normalised(user) != _normalised(user_elsewhere)
