@@ -9,7 +9,8 @@ RER on the SDXL model than on SD (the paper's 49% vs 98% transfer gap); erasing 
 Command (world-xl, 4 variants x 3 seeds):  python studies/dual_encoder.py
 Smoke test (~1 min):                       python studies/dual_encoder.py --smoke-test --ray-address local
 Real model (GPU):                          python studies/dual_encoder.py --model stabilityai/stable-diffusion-xl-base-1.0
-Expected runtime: ~8-10 min of the 45-minute open_questions run on 2 cores.
+Expected runtime: 72-134 s per trial (training + quick evaluation, four trials sharing 2 cores; the
+open_questions run of reports/open_questions.md).
 """
 
 from sage_dist.cli.studies import main

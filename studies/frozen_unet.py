@@ -10,7 +10,8 @@ RER under that swap.
 Command (world, 4 variants x 3 seeds):  python studies/frozen_unet.py
 Smoke test (~1 min):                    python studies/frozen_unet.py --smoke-test --ray-address local
 Real model (artist styles, GPU):        python studies/frozen_unet.py --model CompVis/stable-diffusion-v1-4
-Expected runtime: ~8 min of the 45-minute open_questions run on 2 cores.
+Expected runtime: 323-385 s per trial (training + full evaluation, four trials sharing 2 cores; the
+open_questions run of reports/open_questions.md).
 """
 
 from sage_dist.cli.studies import main

@@ -11,7 +11,8 @@ zero across attributes.
 Command (world, 7 variants x 3 seeds):     python studies/multi_concept.py
 Smoke test (tiny budgets, ~1-2 min):       python studies/multi_concept.py --smoke-test --ray-address local
 Real model (artist concepts, GPU):         python studies/multi_concept.py --model CompVis/stable-diffusion-v1-4
-Expected runtime: ~15 min of the 45-minute open_questions run on 2 cores (the N=8 trials dominate).
+Expected runtime: 78-767 s per trial (the N=8 trials dominate; four trials sharing 2 cores, the open_questions
+run of reports/open_questions.md).
 """
 
 from sage_dist.cli.studies import main
@@ -25,7 +26,7 @@ COUNTS = (1, 2, 4, 8)
 
 
 def config(model: str = "world") -> StudyConfig:
-    # 20 steps per concept on the world (joint-8 and sequential-8 run 160 each) to fit the 45-minute run
+    # 20 steps per concept on the world (joint-8 and sequential-8 run 160 each) to keep the four studies within the hour
     return study_base(model, multi_concepts(model, 1), world={"optim.num_steps": 20, "erase.warmup_steps": 6},
                       **{"erase.multi_concept": "round_robin"})
 

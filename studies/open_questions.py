@@ -11,7 +11,8 @@ Command (bundled world, 2 seeds, 38 trials): python studies/open_questions.py --
 Smoke test (<= 5 min on 2 cores):    python studies/open_questions.py --smoke-test --report /tmp/oq_smoke.md
 Real models (GPU cluster):           python studies/open_questions.py --model CompVis/stable-diffusion-v1-4
                                      (the dual-encoder study runs on its SDXL counterpart, SDXL base 1.0)
-Expected runtime: 52 min on 2 cores for 2 seeds (measured, reports/open_questions.md); ~78 min for 3.
+Expected runtime: 52 min on 2 cores for 2 seeds (measured, reports/open_questions.md); a third seed adds about half again
+(estimated from the trial count, not measured).
 """
 
 # run as a script, this file's folder is on the import path: the four study files import by name

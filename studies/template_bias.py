@@ -20,7 +20,8 @@ Command (world, 4 variants x 3 seeds):  python studies/template_bias.py
 Calibration (3 trials, ~10 min):        python studies/template_bias_calibration.py
 Smoke test (~2 min):                    python studies/template_bias.py --smoke-test --local
 Real model (GPU):                       python studies/template_bias.py --model CompVis/stable-diffusion-v1-4
-Expected runtime: ~3 min per trial on 2 cores (the red team dominates), ~40 min for the 12 trials.
+Expected runtime: 263-522 s per trial (the red team dominates; four trials sharing 2 cores, the open_questions
+run of reports/open_questions.md).
 """
 
 from sage_dist.attack.mining import MINED_LIBRARY
