@@ -608,8 +608,9 @@ def read_records(out_dir: str | Path, study: str, *, features: bool = False) -> 
 
 
 def grid_cells(study: GridStudy) -> list[tuple[Variant, int]]:
-    """Every (variant, seed) of ``study``, variants first."""
-    return [(v, seed) for v in study.variants for seed in study.seeds]
+    """Every (variant, seed) of ``study``, seed by seed: every variant of the first seed, then of the next, so
+    that a study stopped part-way has whole seeds, on which every variant can be paired."""
+    return [(v, seed) for seed in study.seeds for v in study.variants]
 
 
 def pending_cells(study: GridStudy, out_dir: str | Path) -> list[tuple[Variant, int]]:

@@ -215,6 +215,16 @@ def test_missing_and_failed_seeds_are_marked_never_averaged_silently(tmp_path):
     assert "**b vs a** (paired seeds: 0; the study's: 0, 1, 2)" in text and "2 of 9 trials" not in text and "4 of 9 trials" in text
 
 
+def test_the_grid_runs_seed_by_seed_so_a_stopped_study_has_whole_seeds(tmp_path):
+    from sage_dist.tune.grid import grid_cells, pending_cells, write_record
+
+    s = study("a", "b", seeds=(3, 1))
+    assert [(v.name, seed) for v, seed in grid_cells(s)] == [("a", 3), ("b", 3), ("a", 1), ("b", 1)]
+    write_record(tmp_path, record("a", 3))
+    write_record(tmp_path, record("b", 3, status="failed"))
+    assert [(v.name, seed) for v, seed in pending_cells(s, tmp_path)] == [("b", 3), ("a", 1), ("b", 1)]
+
+
 def test_seeds_that_evaluated_other_images_are_not_paired():
     base = outcomes(0, word=ONES8, synonyms=ONES8, heldout=ONES8)
     recs = [record("a", 0, out=base), record("b", 0, out={**base, "plan_hash": "another"}),
