@@ -59,6 +59,15 @@ from sage_dist.tune.interrupts import StudyInterrupted, stop_on_sigterm
 log = logging.getLogger(__name__)
 
 
+class _NoResultFileWarning(logging.Filter):
+    """Drops Tune's "Failed to fetch metrics" warning of a grid study: the jobs turn Tune's file loggers off
+    (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``), so no trial has a result.json for Tune to read back, and the
+    records come from the results in memory instead; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics for")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """How the studies run (command line), shared by all studies of one launch."""
@@ -200,14 +209,19 @@ def _fit_study(study: GridStudy, cells: list[tuple[Variant, int]], settings: Run
         run_config=tune.RunConfig(name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(Path(settings.out_dir) / "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)))
+    quiet = _NoResultFileWarning()
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log.addFilter(quiet)
     try:
         grid = tuner.fit()
     except BaseException as err:
         parent.end("FAILED", f"{type(err).__name__}: {err}"[:2000])
         raise
+    finally:
+        analysis_log.removeFilter(quiet)
     variants = {v.name: v for v in study.variants}
     records = []
-    for result in grid:  # (Tune warns that result.json is missing: file loggers are off, metrics come from memory)
+    for result in grid:
         cell = (result.config or {})["cell"]
         variant = variants[cell["variant"]["name"]]
         if result.error is not None or not result.metrics or "record_json" not in result.metrics:
