@@ -5,7 +5,11 @@ Each :class:`~sage_dist.tune.grid.GridStudy` is one Tune experiment: ``tune.grid
 process with a fraction of a CPU (``cpus_per_trial``), one torch thread, writes its trial record as soon as it
 ends, and logs to a child MLflow run under the study's parent run in the study's own MLflow experiment
 (``<experiment_prefix><study name>``). Several studies are launched concurrently, each ``Tuner.fit()`` inside
-its own Ray task, so they share the cluster's CPUs; the driver waits for all of them.
+its own Ray task, so they share the cluster's CPUs; the driver waits for all of them. Each study runs at most
+its share of the cluster's trial slots (:func:`study_share`) and, beside other studies, starts a new process per
+trial: a Tune experiment that reused its trial processes would keep every slot it took first, and the studies
+launched after it would wait until it had run all its trials (its frozen work is on disk, so a fresh process
+loses only the pipeline load).
 
 Before Ray starts: the tracking store and the output folder are checked. An interrupt of the driver (Ctrl+C,
 SIGTERM) stops every study, marks the parent runs of the unfinished ones KILLED and raises
@@ -184,9 +188,25 @@ def _start_parent(study: GridStudy, settings: RunSettings, *, resume: bool):
     return experiment_id, parent
 
 
+def study_share(cpus: float, cpus_per_trial: float, studies: int) -> int:
+    """Most trials one of ``studies`` concurrent studies runs at once: the cluster's trial slots
+    (``cpus / cpus_per_trial``, at least 1) divided among the studies, rounded up so that no slot stays idle;
+    a freed slot goes to the study whose trial has waited longest (Ray grants placement groups in order).
+
+    Raises:
+        ValueError: ``studies`` < 1 or ``cpus_per_trial`` <= 0.
+    """
+    if studies < 1 or cpus_per_trial <= 0:
+        raise ValueError(f"study_share(cpus={cpus}, cpus_per_trial={cpus_per_trial}, studies={studies}): need "
+                         "at least one study and a positive CPU share per trial")
+    slots = max(1, int(cpus / cpus_per_trial + 1e-9))
+    return -(-slots // studies)
+
+
 def _fit_study(study: GridStudy, cells: list[tuple[Variant, int]], settings: RunSettings, experiment_id: str,
-               parent_run_id: str) -> list[dict[str, Any]]:
-    """Run one study's ``cells`` as a Tune experiment (in a Ray task) and return their trial records."""
+               parent_run_id: str, max_concurrent: int = 0, reuse_actors: bool = True) -> list[dict[str, Any]]:
+    """Run one study's ``cells`` as a Tune experiment (in a Ray task) and return their trial records; at most
+    ``max_concurrent`` trials at once (0: as many as fit), in reused trial processes if ``reuse_actors``."""
     from ray import tune
 
     t0 = time.time()
@@ -204,7 +224,8 @@ def _fit_study(study: GridStudy, cells: list[tuple[Variant, int]], settings: Run
     tuner = tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search([{"variant": v.to_dict(), "seed": seed} for v, seed in cells])},
-        tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=_trial_name,
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors, max_concurrent_trials=max_concurrent or None,
+                                    trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(Path(settings.out_dir) / "ray"), verbose=0,
@@ -292,7 +313,10 @@ def launch(studies: list[GridStudy], settings: RunSettings, *, resume: bool = Fa
         try:
             for s in todo:
                 parents[s.name] = _start_parent(s, settings, resume=resume)
-            refs = {s.name: fit.remote(s, cells[s.name], settings, parents[s.name][0], parents[s.name][1].run_id)
+            share = study_share(cluster_capacity()[0]["CPU"], settings.cpus_per_trial, len(todo))
+            log.info("each study runs at most %d trials at once", share)
+            refs = {s.name: fit.remote(s, cells[s.name], settings, parents[s.name][0], parents[s.name][1].run_id,
+                                       share, len(todo) == 1)
                     for s in todo}
             pending = dict(refs)
             while pending:

@@ -225,6 +225,16 @@ def test_the_grid_runs_seed_by_seed_so_a_stopped_study_has_whole_seeds(tmp_path)
     assert [(v.name, seed) for v, seed in pending_cells(s, tmp_path)] == [("b", 3), ("a", 1), ("b", 1)]
 
 
+def test_concurrent_studies_split_the_trial_slots_rounding_up():
+    from sage_dist.tune.grid_runner import study_share
+
+    assert [study_share(2, 0.5, n) for n in (1, 2, 3, 4, 5)] == [4, 2, 2, 1, 1]
+    assert study_share(1, 2, 2) == 1  # a trial wider than the cluster still gets one slot (Ray then waits)
+    assert study_share(0.7, 0.1, 2) == 4  # 7 slots, though 0.7 / 0.1 is 6.999... in floats
+    with pytest.raises(ValueError, match="at least one study"):
+        study_share(2, 0.5, 0)
+
+
 def test_seeds_that_evaluated_other_images_are_not_paired():
     base = outcomes(0, word=ONES8, synonyms=ONES8, heldout=ONES8)
     recs = [record("a", 0, out=base), record("b", 0, out={**base, "plan_hash": "another"}),
