@@ -832,7 +832,9 @@ def findings(study: GridStudy, records: list[dict[str, Any]]) -> list[str]:
 
 
 def _part_verdict(part: Comparison, retention: Comparison, reference_better_when_lower: bool) -> str:
-    """One part of a claim for one baseline: "supported", "contradicted", "not separable" or "trade-off"."""
+    """One part of a claim for one baseline: "supported", "contradicted", "not separable" (naming the one that
+    retains more when retention separates them: equal on this part at higher retention is the better point of
+    the trade-off) or "trade-off"."""
     def sign(c: Comparison) -> int:  # +1 / -1: the interval of (variant - reference) excludes 0 that way; 0: not
         return 0 if not c.delta.excludes_zero() else (1 if c.delta.value > 0 else -1)
 
@@ -843,7 +845,9 @@ def _part_verdict(part: Comparison, retention: Comparison, reference_better_when
     if baseline_better > 0 and baseline_retains >= 0:
         return "contradicted"
     if baseline_better == 0:
-        return "not separable"
+        if baseline_retains == 0:
+            return "not separable"
+        return f"not separable; `{part.reference if baseline_retains < 0 else part.variant}` retains more"
     return "trade-off (unequal retention)"
 
 
@@ -877,6 +881,9 @@ def claim_verdicts(study: GridStudy, records: list[dict[str, Any]]) -> list[str]
             overall = "**contradicted**"
         elif any(p.startswith("trade-off") for p in parts):
             overall = "not judged at equal retention (trade-off)"
+        elif keep.delta.excludes_zero():
+            overall = (f"not separable at this power; `{ref if keep.delta.value < 0 else v.name}` retains more "
+                       f"({claim.retention})")
         else:
             overall = "not separable at this power"
         lines.append(f"| {v.name} | {_delta_text(erase.delta)} | {_delta_text(keep.delta)} | "
@@ -884,7 +891,8 @@ def claim_verdicts(study: GridStudy, records: list[dict[str, Any]]) -> list[str]
     lines += ["", f"Δ = baseline − `{ref}`, paired on identical noise over the seeds both finished "
               f"({', '.join(map(str, sorted(seeds))) or 'none'}), 95 % intervals. A part is supported when `{ref}` is better "
               "and does not retain less, contradicted when the baseline is better and does not retain less, not "
-              "separable when the interval contains 0, and a trade-off when the better one retains less.", ""]
+              "separable when the interval contains 0 (with the one that retains more named, where retention "
+              "separates them), and a trade-off when the better one retains less.", ""]
     return lines
 
 

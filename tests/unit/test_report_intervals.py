@@ -283,14 +283,15 @@ def test_red_team_needs_a_fidelity_with_attacked_prompts():
 def test_claim_verdicts_from_paired_intervals():
     """The reference erases half of the concept images, keeps every retain image and resists the attack.
     "strong" erases all at equal retention (contradicts the claim), "weak" erases none and is attacked
-    everywhere at equal retention (supports it), "tradeoff" erases all but loses half the retain images."""
+    everywhere at equal retention (supports it), "tradeoff" erases all but loses half the retain images,
+    "dominated" erases and resists as the reference does but loses half the retain images."""
     from sage_dist.tune.grid import Claim
 
     half, none_, all_ = ([1, 0] * 8, [1] * 16), ([1] * 16, [1] * 16), ([0] * 16, [1] * 16)
     keep, lose = ([1] * 16, [1] * 16), ([0, 1] * 8, [1] * 16)
     safe, attacked = ([0] * 8, {"prefix": [0] * 8}), ([1] * 8, {"prefix": [1] * 8})
     design = {"ref": (half, keep, safe), "strong": (all_, keep, safe), "weak": (none_, keep, attacked),
-              "tradeoff": (all_, lose, safe)}
+              "tradeoff": (all_, lose, safe), "dominated": (half, lose, safe)}
     recs = [record(name, seed, out=outcomes(seed, word=d, synonyms=d, heldout=d, retain_shape=r, red_team=t))
             for name, (d, r, t) in design.items() for seed in (0, 1, 2)]
     s = GridStudy(name="demo", question="q", base=StudyConfig(), variants=tuple(Variant(name=n) for n in design),
@@ -300,6 +301,8 @@ def test_claim_verdicts_from_paired_intervals():
     rows = {line.split(" | ")[0].strip("| "): line for line in report.claim_verdicts(s, recs) if line.startswith("| ")}
     assert rows["strong"].endswith("| contradicted | not separable | **contradicted** |")
     assert rows["weak"].endswith("| supported | supported | **supported** |")
-    assert rows["tradeoff"].endswith("| trade-off (unequal retention) | not separable | not judged at equal retention "
-                                     "(trade-off) |")
+    assert rows["tradeoff"].endswith("| trade-off (unequal retention) | not separable; `ref` retains more | not "
+                                     "judged at equal retention (trade-off) |")
+    assert rows["dominated"].endswith("| not separable; `ref` retains more | not separable; `ref` retains more | not "
+                                      "separable at this power; `ref` retains more (retention_acc_all) |")
     assert report.claim_verdicts(study("a", "b", reference="a"), recs) == []  # no claim: no section
