@@ -129,15 +129,24 @@ def parse_claims_args(argv: list[str]) -> tuple[list, list[str]]:
     return studies(concepts, parts, known.ablation_concept), rest
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> Path:
+    """The command line: the claims studies' options, then every grid-study option (sage_dist.cli.studies);
+    returns the report. Exits with status 2 on bad input, 130 when interrupted (printing the whole command
+    with ``--resume``)."""
     try:
-        fns, argv = parse_claims_args(sys.argv[1:])
+        fns, rest = parse_claims_args(argv)
     except ValueError as err:
         sys.exit(f"claims.py: error: {err}")
     description = __doc__ + "\nclaims.py options: --concepts a,b,c  --parts methods,ablations  --ablation-concept c"
-    report = main(fns, argv, description=description, title="The paper's claims on the bundled world",
-                  default_out="claims", default_report="reports/claims_tables.md", experiment_prefix="claims.")
-    if "--from-mlflow" not in argv:
-        args, grid_studies = prepare(fns, argv, description)
+    report = main(fns, rest, description=description, title="The paper's claims on the bundled world",
+                  default_out="claims", default_report="reports/claims_tables.md", experiment_prefix="claims.",
+                  command_argv=argv)
+    if "--from-mlflow" not in rest:
+        args, grid_studies = prepare(fns, rest, description)
         out = Path(args.out or Path(os.environ.get("SAGE_DIST_STORAGE", "") or "runs") / "claims").expanduser()
         plot_by_concept(grid_studies, out.resolve(), Path(report))
+    return Path(report)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

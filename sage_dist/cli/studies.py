@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -152,11 +153,12 @@ def prepare(study_fns: list[StudyFn], argv: list[str] | None, description: str):
 
 def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, description: str = "",
          title: str = "Open questions", default_report: str = "", default_out: str = "open_questions",
-         experiment_prefix: str = "open_questions.") -> Path:
+         experiment_prefix: str = "open_questions.", command_argv: list[str] | None = None) -> Path:
     """Run the studies (concurrently on Ray, or ``--local``), then write the report; returns its path.
 
     Exits with status 2 on bad input (before Ray or MLflow start) and 130 when interrupted, after printing the
-    command that resumes the launch.
+    command that resumes the launch: the script with ``command_argv`` (default ``argv``: a launcher that takes
+    options of its own before passing the rest here gives its whole command line) and ``--resume``.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -190,7 +192,8 @@ def main(study_fns: StudyFn | list[StudyFn], argv: list[str] | None = None, *, d
     except (ValueError, ConnectionError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     except KeyboardInterrupt as err:
-        command = " ".join(["python", sys.argv[0], *[a for a in argv if a != "--resume"], "--resume"])
+        given = argv if command_argv is None else command_argv
+        command = shlex.join(["python", sys.argv[0], *[a for a in given if a != "--resume"], "--resume"])
         print(f"\nstudies interrupted ({type(err).__name__}); the records of the trials that ended are in {out_dir}, "
               f"the unfinished studies' parent MLflow runs are marked KILLED.\nresume with: {command}")
         raise SystemExit(130) from err

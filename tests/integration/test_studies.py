@@ -626,3 +626,27 @@ def test_claims_builds_one_study_per_concept_and_the_ablations_with_five_seeds()
         module.parse_claims_args(["--concepts", "red,red"])
     with pytest.raises(ValueError, match="choose from methods, ablations"):
         module.parse_claims_args(["--parts", "methods,baselines"])
+
+
+def test_an_interrupted_claims_launch_prints_its_whole_command_to_resume(tmp_path, monkeypatch, capsys):
+    """The resume hint keeps the claims options (--parts, --concepts) that claims.py takes before the grid
+    options: without them a resume would run every part and concept."""
+    import shlex
+
+    import sage_dist.cli.studies as cli
+
+    sys.path.insert(0, str(REPO / "studies"))
+    module = load_study_module("claims")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "launch", interrupted)
+    out = tmp_path / "out dir"
+    argv = ["--parts", "methods", "--concepts", "red", "--out", str(out), "--seeds", "0",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--report", str(tmp_path / "r.md")]
+    with pytest.raises(SystemExit) as exit_:
+        module.run(argv)
+    assert exit_.value.code == 130
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("resume with: ")]
+    assert shlex.split(line.removeprefix("resume with: "))[2:] == [*argv, "--resume"]
