@@ -893,7 +893,40 @@ def claim_verdicts(study: GridStudy, records: list[dict[str, Any]]) -> list[str]
               "and does not retain less, contradicted when the baseline is better and does not retain less, not "
               "separable when the interval contains 0 (with the one that retains more named, where retention "
               "separates them), and a trade-off when the better one retains less.", ""]
-    return lines
+    return lines + seed_level_claim_table(study, records)
+
+
+def seed_level_claim_table(study: GridStudy, records: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: the claim's three differences (baseline − reference) across training seeds, each the
+    mean of the per-seed differences of the trials' own metrics with a Student-t 95 % interval over the seeds
+    both finished, and how many seeds point each way. The claim table's intervals resample images given the
+    trained models; this one asks whether the direction holds from one trained model to the next. [] without a
+    claim or a reference."""
+    claim, ref = study.claim, study.reference_variant
+    if claim is None or not ref:
+        return []
+    groups = variant_records(study, records)
+    metrics = (claim.erasure, claim.retention, claim.robustness)
+    lines = ["Across training seeds (mean of the per-seed Δ, Student-t interval over the seeds; `+k/−k`: seeds "
+             "whose Δ is positive / negative):", "",
+             "| baseline | seeds | " + " | ".join(f"Δ {m}" for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for v in study.variants:
+        if v.name == ref:
+            continue
+        by_v = {r["seed"]: r["metrics"] for r in groups[v.name].ok}
+        by_ref = {r["seed"]: r["metrics"] for r in groups[ref].ok}
+        common = sorted(set(by_v) & set(by_ref))
+        cells = []
+        for m in metrics:
+            diffs = [by_v[s][m] - by_ref[s][m] for s in common if isinstance(by_v[s].get(m), (int, float))
+                     and isinstance(by_ref[s].get(m), (int, float))]
+            cell = scalar_cell(diffs, len(study.seeds))
+            text = _delta_text(cell) if cell.method == "t" else (f"{cell.value:+.3g} (1 seed, no interval)"
+                                                                  if diffs else "missing")
+            up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            cells.append(f"{text} (+{up}/−{down})" if diffs else text)
+        lines.append(f"| {v.name} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _errors(cell: Cell) -> tuple[float, float]:

@@ -252,6 +252,28 @@ def test_old_records_without_outcomes_read_as_mean_and_sd():
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
+def test_the_claim_across_training_seeds_is_a_t_interval_over_per_seed_differences():
+    """Per-seed Δ of b − ref: RER_domain 0.125 / 0.25 / 0.375 (mean 0.25, sd 0.125: ± t(0.975, 2) · 0.125 / √3 =
+    ± 0.3105), retention_acc_all −0.25 every seed (no spread), ASR_prefix 0 / +0.25 / −0.25 (± 0.6211); c
+    finished seed 0 only."""
+    from sage_dist.tune.grid import Claim
+
+    recs = [record("ref", seed, RER_domain=0.5, retention_acc_all=1.0, ASR_prefix=0.5) for seed in (0, 1, 2)]
+    recs += [record("b", seed, RER_domain=0.5 + 0.125 * (seed + 1), retention_acc_all=0.75,
+                    ASR_prefix=0.5 + (0.0, 0.25, -0.25)[seed]) for seed in (0, 1, 2)]
+    recs += [record("c", 0, RER_domain=0.25, retention_acc_all=1.0, ASR_prefix=0.5)]
+    s = GridStudy(name="demo", question="q", base=StudyConfig(), variants=tuple(Variant(name=n) for n in ("ref", "b", "c")),
+                  metrics=("RER_domain",), plot_metrics=(), reference_variant="ref",
+                  claim=Claim(text="ref is better.", erasure="RER_domain", retention="retention_acc_all",
+                              robustness="ASR_prefix"))
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.seed_level_claim_table(s, recs)
+            if line.startswith("| ") and not line.startswith("| baseline")}
+    assert rows["b"] == ("| b | 3 | +0.25 [-0.0605, +0.561] (+3/−0) | -0.25 [-0.25, -0.25] (+0/−3) | "
+                         "+0 [-0.621, +0.621] (+1/−1) |")
+    assert rows["c"] == ("| c | 1 | -0.25 (1 seed, no interval) (+0/−1) | +0 (1 seed, no interval) (+0/−0) | "
+                         "+0 (1 seed, no interval) (+0/−0) |")
+
+
 def test_a_seed_list_with_a_repeated_seed_is_an_error():
     from sage_dist.cli.studies import parse_seeds
 
@@ -298,7 +320,9 @@ def test_claim_verdicts_from_paired_intervals():
                   metrics=("RER_domain",), plot_metrics=(), reference_variant="ref",
                   claim=Claim(text="ref is better.", erasure="RER_domain", retention="retention_acc_all",
                               robustness="ASR_prefix"))
-    rows = {line.split(" | ")[0].strip("| "): line for line in report.claim_verdicts(s, recs) if line.startswith("| ")}
+    lines = report.claim_verdicts(s, recs)
+    claim_table = lines[:next(i for i, line in enumerate(lines) if line.startswith("Across training seeds"))]
+    rows = {line.split(" | ")[0].strip("| "): line for line in claim_table if line.startswith("| ")}
     assert rows["strong"].endswith("| contradicted | not separable | **contradicted** |")
     assert rows["weak"].endswith("| supported | supported | **supported** |")
     assert rows["tradeoff"].endswith("| trade-off (unequal retention) | not separable; `ref` retains more | not "
