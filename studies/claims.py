@@ -9,9 +9,11 @@ Studies (each its own Tune experiment and MLflow experiment ``claims.<study>``; 
   every baseline from paired intervals (supported / contradicted / not separable / trade-off);
 * ``ablations_<concept>`` (studies/ablations.py) for ``--ablation-concept`` (default triangle).
 
-Seeds: 0-4 unless ``--seeds`` is given. The whole set is 3 x 4 x 5 + 9 x 5 = 105 trials, about 8-9 h on 2 cores
-(a trial is 2-6 min of CPU; reports/claims.md gives the measured costs): split it into parts that share one
-``--out`` and write the report from every record there at the end:
+Seeds: 0-4 unless ``--seeds`` is given. The whole set is 3 x 4 x 5 + 9 x 5 = 105 trials, about 7 h on 2 cores
+(measured: one concept's methods study, 20 trials, 76 min with 4 trials at a time; the 9 ablations of one seed
+~40 min; reports/claims.md gives the costs per trial). Trials run seed by seed, so a launch stopped part-way
+leaves whole seeds, and ``--resume`` continues it. Or split it into parts that share one ``--out`` and write the
+report from every record there at the end:
 
     python studies/claims.py --concepts red --parts methods --seeds 0,1,2       # one part (~40 min on 2 cores)
     python studies/claims.py --parts ablations --seeds 0                        # another (~30 min)
