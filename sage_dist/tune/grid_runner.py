@@ -190,8 +190,8 @@ def _start_parent(study: GridStudy, settings: RunSettings, *, resume: bool):
 
 def study_share(cpus: float, cpus_per_trial: float, studies: int) -> int:
     """Most trials one of ``studies`` concurrent studies runs at once: the cluster's trial slots
-    (``cpus / cpus_per_trial``, at least 1) divided among the studies, rounded up so that no slot stays idle;
-    a freed slot goes to the study whose trial has waited longest (Ray grants placement groups in order).
+    (``cpus / cpus_per_trial``, at least 1) divided among the studies, rounded up so that no slot stays idle
+    (a study under its share always has a trial waiting for the next freed slot).
 
     Raises:
         ValueError: ``studies`` < 1 or ``cpus_per_trial`` <= 0.
