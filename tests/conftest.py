@@ -47,6 +47,19 @@ def shared_dir() -> Path:
 _EXIT_STATUS: int | None = None
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_retry_setting_stays_in_its_test():
+    """The erase command caps MLflow's HTTP retries process-wide (``limit_http_retries``); run in-process by a
+    test, the cap would reach every later test, and the Ray workers started after it, so a test that restarts
+    its tracking server would get 2 retries instead of MLflow's 7."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    yield
+    if saved is None:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    else:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
 def pytest_sessionfinish(session, exitstatus):
     global _EXIT_STATUS
     _EXIT_STATUS = int(exitstatus)
