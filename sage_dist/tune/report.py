@@ -661,6 +661,15 @@ class Comparison:
         return f"yes: {self.variant} {'higher' if higher else 'lower'} ({'better' if better else 'worse'})"
 
 
+def per_seed_differences(metric: str, a: VariantRecords, b: VariantRecords) -> list[float]:
+    """``metric(a) - metric(b)`` of the trials' own metrics, one per seed both finished (seed order), where both
+    have a finite number."""
+    by_a = {r["seed"]: r["metrics"].get(metric) for r in a.ok}
+    by_b = {r["seed"]: r["metrics"].get(metric) for r in b.ok}
+    return [by_a[s] - by_b[s] for s in sorted(set(by_a) & set(by_b)) if isinstance(by_a[s], (int, float))
+            and isinstance(by_b[s], (int, float)) and math.isfinite(by_a[s] - by_b[s])]
+
+
 def _subset(seeds: list[int], records: list[dict[str, Any]]) -> Units:
     return Units.from_records([r for r in records if r["seed"] in seeds and r.get("outcomes")])
 
@@ -722,10 +731,7 @@ def compare_variants(study: GridStudy, records: list[dict[str, Any]], variant: s
         if ua is not None and ub is not None:
             delta = paired_delta(m, ua, ub)
         if delta is None:
-            by_a = {r["seed"]: r["metrics"].get(m) for r in va.ok}
-            by_b = {r["seed"]: r["metrics"].get(m) for r in vb.ok}
-            diffs = [by_a[s] - by_b[s] for s in common if isinstance(by_a.get(s), (int, float))
-                     and isinstance(by_b.get(s), (int, float)) and math.isfinite(by_a[s] - by_b[s])]
+            diffs = per_seed_differences(m, va, vb)
             delta = scalar_cell(diffs, len(study.seeds))
             if not diffs:
                 note = "missing: no seed finished by both"
@@ -913,13 +919,10 @@ def seed_level_claim_table(study: GridStudy, records: list[dict[str, Any]]) -> l
     for v in study.variants:
         if v.name == ref:
             continue
-        by_v = {r["seed"]: r["metrics"] for r in groups[v.name].ok}
-        by_ref = {r["seed"]: r["metrics"] for r in groups[ref].ok}
-        common = sorted(set(by_v) & set(by_ref))
+        common = {r["seed"] for r in groups[v.name].ok} & {r["seed"] for r in groups[ref].ok}
         cells = []
         for m in metrics:
-            diffs = [by_v[s][m] - by_ref[s][m] for s in common if isinstance(by_v[s].get(m), (int, float))
-                     and isinstance(by_ref[s].get(m), (int, float))]
+            diffs = per_seed_differences(m, groups[v.name], groups[ref])
             cell = scalar_cell(diffs, len(study.seeds))
             text = _delta_text(cell) if cell.method == "t" else (f"{cell.value:+.3g} (1 seed, no interval)"
                                                                   if diffs else "missing")
