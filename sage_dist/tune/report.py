@@ -1030,10 +1030,14 @@ def study_section(study: GridStudy, records: list[dict[str, Any]], plot_dir: str
     ok = sum(len(vr.ok) for vr in groups.values())
     expected = len(study.variants) * len(study.seeds)
     pooled = any(vr.units is not None for vr in groups.values())
+    if not ok:
+        how = "no trial finished, so every cell reads missing."
+    elif pooled:
+        how = "pooled over seeds with 95 % intervals."
+    else:
+        how = "mean ± sd over seeds (these records carry no per-image outcomes)."
     lines += [f"{ok} of {expected} trials finished ({len(study.variants)} variants x seeds "
-              f"{', '.join(map(str, study.seeds))}); "
-              + ("pooled over seeds with 95 % intervals." if pooled else
-                 "mean ± sd over seeds (these records carry no per-image outcomes)."), "",
+              f"{', '.join(map(str, study.seeds))}); " + how, "",
               study_table(study, records), ""]
     lines += claim_verdicts(study, records)
     lines += comparisons_section(study, records)

@@ -215,6 +215,13 @@ def test_missing_and_failed_seeds_are_marked_never_averaged_silently(tmp_path):
     assert "**b vs a** (paired seeds: 0; the study's: 0, 1, 2)" in text and "2 of 9 trials" not in text and "4 of 9 trials" in text
 
 
+def test_a_study_with_no_finished_trial_says_so_instead_of_naming_an_aggregate(tmp_path):
+    s = study("a", "b", metrics_=("RER_word",), reference="a")
+    text = report.write_report([s], {"demo": [record("a", 0, status="failed")]}, tmp_path / "r.md").read_text()
+    assert "0 of 6 trials finished" in text and "no trial finished, so every cell reads missing." in text
+    assert "mean ± sd over seeds" not in text and "pooled over seeds" not in text
+
+
 def test_the_grid_runs_seed_by_seed_so_a_stopped_study_has_whole_seeds(tmp_path):
     from sage_dist.tune.grid import grid_cells, pending_cells, write_record
 
