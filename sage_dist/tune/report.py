@@ -803,6 +803,11 @@ def comparisons_section(study: GridStudy, records: list[dict[str, Any]]) -> list
              "interval resamples the two variants' images of one prompt and noise together, stratified by seed. "
              "Per-trial numbers (costs) compare the per-seed differences (Student-t over seeds). \"yes\": the 95 % "
              "interval of Δ excludes 0.", "", comparison_summary_table(study, records), ""]
+    if len(study.seeds) > 1:
+        lines += ["Across training seeds (the mean of the per-seed Δ of the trials' own metrics, Student-t 95 % "
+                  "interval over the seeds both finished; `+k/−k`: seeds whose Δ is positive / negative). The "
+                  "table above resamples images given the trained models; this one asks whether a difference "
+                  "holds from one trained model to the next.", "", seed_level_summary_table(study, records), ""]
     for v in study.variants:
         if v.name == ref:
             continue
@@ -920,16 +925,37 @@ def seed_level_claim_table(study: GridStudy, records: list[dict[str, Any]]) -> l
         if v.name == ref:
             continue
         common = {r["seed"] for r in groups[v.name].ok} & {r["seed"] for r in groups[ref].ok}
-        cells = []
-        for m in metrics:
-            diffs = per_seed_differences(m, groups[v.name], groups[ref])
-            cell = scalar_cell(diffs, len(study.seeds))
-            text = _delta_text(cell) if cell.method == "t" else (f"{cell.value:+.3g} (1 seed, no interval)"
-                                                                  if diffs else "missing")
-            up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            cells.append(f"{text} (+{up}/−{down})" if diffs else text)
+        cells = [seed_level_delta_text(m, groups[v.name], groups[ref], len(study.seeds)) for m in metrics]
         lines.append(f"| {v.name} | {len(common)} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def seed_level_delta_text(metric: str, a: VariantRecords, b: VariantRecords, expected: int) -> str:
+    """``Δ [low, high] (+k/−k)``: the mean over the seeds both finished of ``metric``'s per-seed difference
+    ``a − b`` (the trials' own metrics), its Student-t 95 % interval over those seeds, and how many seeds' Δ is
+    positive / negative; "(1 seed, no interval)" for one seed, "missing" for none."""
+    diffs = per_seed_differences(metric, a, b)
+    cell = scalar_cell(diffs, expected)
+    text = _delta_text(cell) if cell.method == "t" else (f"{cell.value:+.3g} (1 seed, no interval)"
+                                                          if diffs else "missing")
+    up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return f"{text} (+{up}/−{down})" if diffs else text
+
+
+def seed_level_summary_table(study: GridStudy, records: list[dict[str, Any]]) -> str:
+    """Markdown table of every variant's differences from ``study.reference_variant`` across training seeds:
+    one row per compared metric, one column per other variant, each cell :func:`seed_level_delta_text`;
+    "" without a reference."""
+    ref = study.reference_variant
+    if not ref:
+        return ""
+    groups = variant_records(study, records)
+    others = [v.name for v in study.variants if v.name != ref]
+    lines = ["| metric | " + " | ".join(f"{n} − {ref}" for n in others) + " |", "|" + "---|" * (1 + len(others))]
+    for m in study.compare_metrics or study.metrics:
+        lines.append(f"| {m} | " + " | ".join(seed_level_delta_text(m, groups[n], groups[ref], len(study.seeds))
+                                              for n in others) + " |")
+    return "\n".join(lines)
 
 
 def _errors(cell: Cell) -> tuple[float, float]:

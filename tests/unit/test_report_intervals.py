@@ -281,6 +281,22 @@ def test_the_claim_across_training_seeds_is_a_t_interval_over_per_seed_differenc
                          "+0 (1 seed, no interval) (+0/−0) |")
 
 
+def test_every_comparison_against_the_reference_has_its_across_seed_table():
+    """Same per-seed Δ as above (b − ref RER_domain 0.125 / 0.25 / 0.375: +0.25 ± 0.3105), in the comparisons
+    section of a study without a claim (the ablations); one seed of c gives no interval."""
+    recs = [record("ref", seed, RER_domain=0.5) for seed in (0, 1, 2)]
+    recs += [record("b", seed, RER_domain=0.5 + 0.125 * (seed + 1)) for seed in (0, 1, 2)]
+    recs += [record("c", 0, RER_domain=0.25)]
+    s = study("ref", "b", "c", reference="ref")
+    table = report.seed_level_summary_table(s, recs).splitlines()
+    assert table[0] == "| metric | b − ref | c − ref |"
+    assert table[2] == "| RER_domain | +0.25 [-0.0605, +0.561] (+3/−0) | -0.25 (1 seed, no interval) (+0/−1) |"
+    section = "\n".join(report.comparisons_section(s, recs))
+    assert "Across training seeds" in section and table[2] in section
+    assert "Across training seeds" not in "\n".join(report.comparisons_section(study("ref", "b", seeds=(0,), reference="ref"),
+                                                                            recs[:1] + recs[3:4]))
+
+
 def test_a_seed_list_with_a_repeated_seed_is_an_error():
     from sage_dist.cli.studies import parse_seeds
 
